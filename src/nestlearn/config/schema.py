@@ -1,0 +1,228 @@
+"""Typed configuration of a run.
+
+Every YAML file and every `a.b.c=value` override is validated against these dataclasses, so a
+misspelt key or a wrong type fails before any work starts. Range checks live in `check()`
+methods next to the fields they guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nestlearn.config.errors import ConfigError
+
+DEFAULT_CORPUS = "stdlib"
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece tokenizer trained on the filtered training split (or loaded from `path`)."""
+
+    name: str = "auto"  # "auto": derived from the data fingerprint and the settings below
+    path: str | None = None  # an existing .model file to load instead of training one
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = 4096
+    character_coverage: float = 1.0
+    max_sentences: int = 300_000  # lines sampled for training the tokenizer
+
+    def check(self, where: str) -> None:
+        if not 64 <= self.vocab_size <= 1_000_000:
+            raise ConfigError(f"{where}.vocab_size", self.vocab_size, "an integer in [64, 1000000]")
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ConfigError(
+                f"{where}.character_coverage", self.character_coverage, "a number in [0.9, 1.0]"
+            )
+        if self.max_sentences < 1000:
+            raise ConfigError(f"{where}.max_sentences", self.max_sentences, "an integer >= 1000")
+
+
+@dataclass
+class FilterConfig:
+    """Document filters applied before tokenisation; what each drops is counted in stats."""
+
+    min_chars: int = 64
+    max_chars: int = 2_000_000
+    dedup: bool = True  # exact duplicates by content hash
+    near_dedup: bool = False  # MinHash-style near duplicates
+    near_dedup_threshold: float = 0.9
+    language: str | None = None  # e.g. "en" (needs the optional langdetect package)
+
+    def check(self, where: str) -> None:
+        if self.min_chars < 0:
+            raise ConfigError(f"{where}.min_chars", self.min_chars, "an integer >= 0")
+        if self.max_chars <= self.min_chars:
+            raise ConfigError(f"{where}.max_chars", self.max_chars, f"an integer > min_chars ({self.min_chars})")
+        if not 0.0 < self.near_dedup_threshold <= 1.0:
+            raise ConfigError(
+                f"{where}.near_dedup_threshold", self.near_dedup_threshold, "a number in (0, 1]"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token shards."""
+
+    # "stdlib" (the default corpus), files, directories, globs, "*.jsonl", "*.parquet",
+    # or "hf:<dataset name>[:<split>]" for Hugging Face datasets (online users only).
+    sources: list[str] = field(default_factory=lambda: [DEFAULT_CORPUS])
+    weights: list[float] | None = None  # mixture weights, one per source (default: uniform)
+    text_field: str = "text"  # field read from JSONL / Parquet / HF records
+    val_fraction: float = 0.05  # share of documents (by path hash) held out for validation
+    max_docs: int | None = None  # cap per source, after the split is decided (for smoke runs)
+    max_chars_per_source: int | None = None  # cap on characters per source (for smoke runs)
+    artifacts_dir: str = "artifacts"
+    shard_tokens: int = 16_777_216  # tokens per shard file
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def check(self, where: str) -> None:
+        if not self.sources:
+            raise ConfigError(f"{where}.sources", self.sources, "a non-empty list of sources")
+        if self.weights is not None:
+            if len(self.weights) != len(self.sources):
+                raise ConfigError(
+                    f"{where}.weights", self.weights, f"{len(self.sources)} weights, one per source"
+                )
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ConfigError(f"{where}.weights", self.weights, "non-negative weights with a positive sum")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"{where}.val_fraction", self.val_fraction, "a number in (0, 0.5)")
+        if self.max_docs is not None and self.max_docs < 2:
+            raise ConfigError(f"{where}.max_docs", self.max_docs, "an integer >= 2 or null")
+        if self.max_chars_per_source is not None and self.max_chars_per_source < 1000:
+            raise ConfigError(
+                f"{where}.max_chars_per_source", self.max_chars_per_source, "an integer >= 1000 or null"
+            )
+        if self.shard_tokens < 1024:
+            raise ConfigError(f"{where}.shard_tokens", self.shard_tokens, "an integer >= 1024")
+        self.filter.check(f"{where}.filter")
+        self.tokenizer.check(f"{where}.tokenizer")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture; `type` picks the registry entry (see `nestlearn.models.available()`)."""
+
+    type: str = "transformer"
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_hidden: int | None = None  # default: the SwiGLU width ~ 8/3 d_model, rounded to 32
+    vocab_size: int | None = None  # default: the tokenizer's vocabulary
+    max_seq_len: int = 4096  # the longest context the RoPE cache is built for (grows on demand)
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+    def check(self, where: str) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"{where}.n_heads", self.n_heads, f"a divisor of d_model ({self.d_model})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"{where}.n_heads", self.n_heads, "a head size d_model/n_heads that is even (RoPE)")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ConfigError(f"{where}.mlp_hidden", self.mlp_hidden, "an integer >= 1 or null")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ConfigError(f"{where}.vocab_size", self.vocab_size, "an integer >= 2 or null")
+
+
+@dataclass
+class OptimizerConfig:
+    """Outer-loop optimizer and learning-rate schedule."""
+
+    type: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+
+    def check(self, where: str) -> None:
+        if not 0.0 < self.lr < 1.0:
+            raise ConfigError(f"{where}.lr", self.lr, "a number in (0, 1)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas", self.betas, "two numbers in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay", self.weight_decay, "a number >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{where}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """The outer training loop."""
+
+    steps: int = 200
+    batch_size: int = 8  # sequences per micro-batch
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on the forward pass
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2  # newest checkpoints kept (0 keeps all)
+    log_every: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (step skipped) before failing
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+    def check(self, where: str) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "ckpt_every", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{where}.grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"{where}.keep_checkpoints", self.keep_checkpoints, "an integer >= 0")
+        if self.threads < 0:
+            raise ConfigError(f"{where}.threads", self.threads, "an integer >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{where}.device", self.device, "one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class LoggingConfig:
+    """Metric sinks: JSONL is always written; the others are opt-in."""
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "nestlearn"
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a TTY
+
+    def check(self, where: str) -> None:
+        return None
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, model, optimizer, training loop and logging."""
+
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self, where: str = "") -> None:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            raise ConfigError("name", self.name, "a run name without '/', '\\' or spaces")
+        self.data.check("data")
+        self.model.check("model")
+        self.optimizer.check("optimizer")
+        self.train.check("train")
+        self.logging.check("logging")

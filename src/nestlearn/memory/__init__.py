@@ -1,0 +1,1 @@
+"""In-context associative memories (Titans); filled in by the memory issue."""

@@ -1,0 +1,1 @@
+"""Deep optimizers and level clocks; filled in by the optimizer issue."""
