@@ -1,1 +1,0 @@
-"""In-context associative memories (Titans); filled in by the memory issue."""

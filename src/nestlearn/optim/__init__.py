@@ -1,1 +1,0 @@
-"""Deep optimizers and level clocks; filled in by the optimizer issue."""
