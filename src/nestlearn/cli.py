@@ -1,0 +1,95 @@
+"""The `nestlearn` command: argument parsing only; the work is in `nestlearn.pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nestlearn import __version__
+
+DEFAULT_CONFIG = "transformer/pilot_smoke"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nestlearn", description="Nested Learning in PyTorch: data, training, evaluation.")
+    parser.add_argument("--version", action="version", version=f"nestlearn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, *, resume: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config-name", "-c", default=DEFAULT_CONFIG,
+                       help=f"config under configs/ (default: {DEFAULT_CONFIG})")
+        p.add_argument("--config-path", type=Path, default=None,
+                       help="an extra directory searched first for configs")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="overrides such as train.steps=200 data.sources=[a.txt,b.txt]")
+        if resume:
+            p.add_argument("--resume", default="auto",
+                           help="auto (newest valid checkpoint of the run, default), none, or a "
+                                "checkpoint directory")
+        return p
+
+    add("run", "the main job: prepare data, train, evaluate, write the report", resume=True)
+    add("prepare", "prepare the tokenizer and token shards only")
+    add("train", "train (and evaluate) a model; no report", resume=True)
+    add("config", "print the resolved config as JSON")
+    report = sub.add_parser("report", help="rebuild the report of a finished run directory")
+    report.add_argument("run_dir", type=Path)
+    sub.add_parser("configs", help="list the configs that --config-name accepts")
+    sub.add_parser("models", help="list the registered model types")
+    return parser
+
+
+def _resume(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (resume with --resume auto)",
+              file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        # Config, data and checkpoint errors are written as one self-explaining line.
+        print(f"nestlearn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from nestlearn import config, pipeline
+    from nestlearn.config.loader import dumps
+
+    if args.command == "configs":
+        print("\n".join(config.available_configs()))
+        return 0
+    if args.command == "models":
+        from nestlearn import models
+
+        print("\n".join(models.available()))
+        return 0
+    if args.command == "report":
+        from nestlearn.eval.report import write_report
+
+        print(write_report(args.run_dir))
+        return 0
+    cfg = config.load_config(args.config_name, args.overrides, args.config_path)
+    if args.command == "config":
+        print(dumps(cfg))
+        return 0
+    if args.command == "prepare":
+        data = pipeline.prepare(cfg)
+        print(f"prepared data in {data.root} (tokenizer {data.tokenizer_path})")
+        return 0
+    if args.command == "train":
+        run_dir, final = pipeline.train(cfg, pipeline.prepare(cfg), _resume(args.resume))
+        print(f"trained: val_loss {final['val_loss']:.4f}; run directory {run_dir}")
+        return 0
+    report = pipeline.run(cfg, _resume(args.resume))
+    print(f"report: {report}")
+    return 0

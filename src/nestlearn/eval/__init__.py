@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte, the run report (zero-shot, NIAH, MQAR later)."""

@@ -1,0 +1,54 @@
+"""Validation loss, perplexity and bits per byte of a language model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def autocast_context(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    """bf16 autocast when asked for; a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats, computed in float32 whatever the autocast."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                bytes_per_token: float, device: torch.device,
+                precision: str = "fp32") -> dict[str, float]:
+    """Token-weighted mean loss over `batches`; bits per byte uses the split's bytes/token.
+
+    bpb = (loss in nats / ln 2) / (UTF-8 bytes per token): comparable across tokenizers.
+    """
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast_context(device, precision):
+                logits, _ = model(x)
+            total_nats += float(lm_loss(logits, y)) * y.numel()
+            total_tokens += y.numel()
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("evaluation got no batches: the validation split is empty or too short")
+    loss = total_nats / total_tokens
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 50.0)),
+        "val_bpb": loss / math.log(2) / bytes_per_token,
+        "val_tokens": float(total_tokens),
+    }

@@ -1,0 +1,123 @@
+"""The run report: `loss.png` and a self-contained `report.html` from a run directory.
+
+Everything is read back from the files a run wrote (config.json, metrics.jsonl,
+metrics.json, data_stats.json), so a report can be rebuilt for any finished run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from nestlearn.train.metrics import read_jsonl
+from nestlearn.utils.io import atomic_write_bytes, atomic_write_text, read_json
+
+
+def _curves(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    train = [(r["step"], r.get("loss_avg", r["loss"])) for r in records if r.get("split") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val"]
+    return {
+        "train": ([s for s, _ in train], [v for _, v in train]),
+        "val": ([s for s, _ in val], [v for _, v in val]),
+    }
+
+
+def plot_loss(records: list[dict[str, Any]], baseline: float | None, title: str) -> bytes | None:
+    """PNG bytes of train/val loss against step, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    curves = _curves(records)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*curves["train"], label="train loss", lw=1.2)
+    if curves["val"][0]:
+        ax.plot(*curves["val"], "o-", label="validation loss", lw=1.5, ms=4)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", c="gray", lw=1, label=f"unigram entropy {baseline:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(rows: dict[str, Any]) -> str:
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+        for k, v in rows.items()
+    )
+    return f"<table>{cells}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _source_rows(stats: dict[str, Any]) -> str:
+    head = "<tr><th>source</th><th>split</th><th>documents</th><th>characters</th><th>tokens</th><th>dropped</th></tr>"
+    body = []
+    for name, per_split in stats.get("sources", {}).items():
+        for split, s in per_split.items():
+            dropped = ", ".join(f"{k}: {v}" for k, v in s.get("dropped", {}).items() if v) or "none"
+            body.append(
+                f"<tr><td>{html.escape(name)}</td><td>{split}</td><td>{_fmt(s.get('documents', 0))}</td>"
+                f"<td>{_fmt(s.get('characters', 0))}</td><td>{_fmt(s.get('tokens', 0))}</td>"
+                f"<td>{html.escape(dropped)}</td></tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
+th{background:#f5f5f5}pre{background:#f8f8f8;padding:1rem;overflow:auto;font-size:.85rem}img{max-width:100%}"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `loss.png` and `report.html` into `run_dir`; returns the report's path."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "config.json")
+    final = read_json(run_dir / "metrics.json")
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    stats_path = run_dir / "data_stats.json"
+    stats = read_json(stats_path) if stats_path.exists() else {}
+    baseline = stats.get("unigram_entropy_nats")
+    png = plot_loss(records, baseline, f"{config['name']} ({config['model']['type']})")
+    if png is not None:
+        atomic_write_bytes(run_dir / "loss.png", png)
+        figure = f'<img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    else:
+        figure = "<p>Install the <code>report</code> extra (matplotlib) for loss plots.</p>"
+    headline = {k: final[k] for k in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "step",
+                                      "tokens", "tokens_per_s", "train_time_s", "params")
+                if k in final}
+    if baseline is not None:
+        headline["unigram_entropy_nats"] = baseline
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>nestlearn report: {html.escape(config['name'])}</title><style>{STYLE}</style></head><body>
+<h1>Run <code>{html.escape(config['name'])}</code></h1>
+<p>Model <b>{html.escape(config['model']['type'])}</b>; run directory <code>{html.escape(str(run_dir))}</code>.</p>
+<h2>Final figures</h2>{_table(headline)}
+<h2>Loss</h2>{figure}
+<h2>Data</h2>{_source_rows(stats)}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
+</body></html>
+"""
+    report = run_dir / "report.html"
+    atomic_write_text(report, page)
+    return report

@@ -1,0 +1,77 @@
+"""The main job: data → tokenizer → shards → model → train → evaluate → report.
+
+Each stage is a function the CLI calls; `run` chains them. Nothing here parses arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nestlearn import models
+from nestlearn.config.loader import to_dict
+from nestlearn.config.schema import RunConfig
+from nestlearn.data import PreparedData, prepare_data
+from nestlearn.eval.report import write_report
+from nestlearn.train.trainer import Trainer
+from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.seeding import seed_everything
+
+Log = Callable[[str], None]
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def prepare(cfg: RunConfig, log: Log = print) -> PreparedData:
+    """Prepare (or reuse) the tokenizer and shards of `cfg.data`."""
+    progress = cfg.logging.progress != "none"
+    return prepare_data(cfg.data, progress=progress, log=log)
+
+
+def with_vocab(cfg: RunConfig, data: PreparedData) -> RunConfig:
+    """The config with `model.vocab_size` filled from the tokenizer (or checked against it)."""
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+    if vocab < data.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+                         f"({data.vocab_size}); leave it null to take the tokenizer's")
+    return cfg
+
+
+def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
+          log: Log = print) -> tuple[Path, dict[str, Any]]:
+    """Train `cfg.model` on `data`; writes config.json, metrics and checkpoints in the run dir."""
+    cfg = with_vocab(cfg, data)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    model = models.build(cfg.model)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", to_dict(cfg))
+    atomic_write_json(run_dir / "data_stats.json", data.stats)
+    log(f"model {cfg.model.type}: {model.num_params():,} parameters "
+        f"({model.num_params(exclude_embeddings=True):,} without embeddings)")
+    trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log)
+    final = trainer.fit()
+    final["params"] = model.num_params()
+    final["unigram_entropy_nats"] = data.stats.get("unigram_entropy_nats")
+    atomic_write_json(run_dir / "metrics.json", final)
+    return run_dir, final
+
+
+def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print) -> Path:
+    """The whole main job; returns the path of the report."""
+    data = prepare(cfg, log)
+    run_dir, final = train(cfg, data, resume, log)
+    log(f"validation: loss {final['val_loss']:.4f} nats/token, ppl {final['val_ppl']:.2f}, "
+        f"{final['val_bpb']:.4f} bits/byte (unigram entropy "
+        f"{final['unigram_entropy_nats']:.4f} nats/token)")
+    return write_report(run_dir)

@@ -1,0 +1,1 @@
+"""Training: the outer loop, checkpoints, metric sinks and progress display."""

@@ -1,0 +1,211 @@
+"""The single-process training loop.
+
+The Trainer owns the step loop and nothing else: the model, data and optimizer are built
+outside and handed in, so the distributed issue can wrap the same loop without touching
+models. Everything needed to continue a run exactly lives in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nestlearn.config.loader import to_dict
+from nestlearn.config.schema import RunConfig
+from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
+from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
+from nestlearn.optim import build_optimizer, build_scheduler
+from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from nestlearn.train.metrics import make_sinks
+from nestlearn.train.progress import Progress
+from nestlearn.utils.seeding import resolve_device
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `train.max_bad_steps` consecutive non-finite losses."""
+
+
+# Settings that change what a checkpoint means; resuming across a change to one is refused.
+RESUME_KEYS = ("seed", "data", "model", "optimizer.type", "train.batch_size", "train.seq_len",
+               "train.grad_accum")
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The RESUME_KEYS whose values differ between a checkpoint's config and this run's."""
+    return [k for k in RESUME_KEYS if _lookup(saved, k) != _lookup(current, k)]
+
+
+@dataclass
+class TrainState:
+    """The loop's counters; saved as JSON in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    bad_steps: int = 0
+    train_time_s: float = 0.0
+    best_val_loss: float | None = None
+    last_val: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Step loop with grad accumulation, clipping, autocast, NaN guard, eval and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, data: PreparedData, run_dir: Path,
+                 *, resume: str | None = None, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
+        self.device = resolve_device(cfg.train.device)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
+        self.loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
+        self.state = TrainState()
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.losses: list[float] = []  # per-step training loss of this process, for tests/reports
+        self.config_dict = to_dict(cfg)
+        resumed = self._maybe_resume(resume)
+        self.sinks = make_sinks(cfg.logging, self.run_dir, cfg.name, self.config_dict,
+                                resume_step=self.state.step if resumed else 0)
+
+    def _maybe_resume(self, resume: str | None) -> bool:
+        path = resolve_resume(self.ckpt_root, resume)
+        if path is None:
+            return False
+        from nestlearn.utils.io import read_json
+
+        conflicts = resume_conflicts(read_json(path / "config.json"), self.config_dict)
+        if conflicts:
+            raise ValueError(
+                f"cannot resume from {path}: its config differs in {', '.join(conflicts)}; "
+                f"use another run name (name=...) or --resume none with a fresh run directory")
+        saved = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler, map_location=self.device)
+        known = {k: v for k, v in saved.get("train", {}).items() if k in TrainState.__annotations__}
+        self.state = TrainState(**known)
+        self.loader.load_state_dict(saved["data"])
+        self.log(f"resumed from {path} at step {self.state.step}")
+        return True
+
+    # -- one optimizer step ------------------------------------------------------------
+    def _train_step(self) -> tuple[float, float]:
+        """Run grad_accum micro-batches and one update; returns (loss, grad norm)."""
+        cfg = self.cfg.train
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_context(self.device, cfg.precision):
+                logits, _ = self.model(x)
+            loss = lm_loss(logits, y)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach())
+        loss_value = total / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.bad_steps += 1
+            if self.state.bad_steps >= cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.state.bad_steps} consecutive non-finite losses at step "
+                    f"{self.state.step + 1}; lower optimizer.lr or enable train.grad_clip")
+            self.log(f"warning: non-finite loss at step {self.state.step + 1}; update skipped")
+        else:
+            self.state.bad_steps = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_value, grad_norm
+
+    # -- evaluation and checkpoints ---------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        batches = iter_eval_batches(self.data, "val", cfg.batch_size, cfg.seq_len,
+                                    cfg.eval_batches)
+        bpt = float(self.data.stats["bytes_per_token"]["val"])
+        return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
+
+    def _checkpoint(self) -> None:
+        trainer_state = {"train": self.state.__dict__, "data": self.loader.state_dict()}
+        save_checkpoint(self.ckpt_root, self.state.step, model=self.model,
+                        optimizer=self.optimizer, scheduler=self.scheduler,
+                        trainer_state=trainer_state, config=self.config_dict,
+                        keep=self.cfg.train.keep_checkpoints)
+
+    def _log_val(self) -> dict[str, float]:
+        val = self.evaluate()
+        self.state.last_val = val
+        if self.state.best_val_loss is None or val["val_loss"] < self.state.best_val_loss:
+            self.state.best_val_loss = val["val_loss"]
+        self.sinks.log({"step": self.state.step, "split": "val", **val})
+        return val
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`; returns the final figures (also written by the caller)."""
+        cfg = self.cfg.train
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        progress = Progress(cfg.steps, self.cfg.logging.progress, initial=self.state.step)
+        self.model.train()
+        window: list[float] = []
+        tick = time.perf_counter()
+        try:
+            while self.state.step < cfg.steps:
+                loss, grad_norm = self._train_step()
+                self.state.step += 1
+                self.state.tokens += tokens_per_step
+                self.losses.append(loss)
+                window.append(loss)
+                now = time.perf_counter()
+                self.state.train_time_s += now - tick
+                tick = now
+                step = self.state.step
+                lr = self.scheduler.get_last_lr()[0]
+                tps = self.state.tokens / max(self.state.train_time_s, 1e-9)
+                progress.update(step, loss=loss, lr=lr, tok_s=tps)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    self.sinks.log({"step": step, "split": "train", "loss": loss,
+                                    "loss_avg": sum(window) / len(window), "lr": lr,
+                                    "grad_norm": grad_norm, "tokens": self.state.tokens,
+                                    "tokens_per_s": tps, "time": self.state.train_time_s})
+                    window.clear()
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    val = self._log_val()
+                    progress.write(f"step {step}: val_loss {val['val_loss']:.4f} "
+                                   f"ppl {val['val_ppl']:.2f} bpb {val['val_bpb']:.4f}")
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    self._checkpoint()
+                tick = time.perf_counter()
+        finally:
+            progress.close()
+            self.sinks.close()
+        if not self.state.last_val:
+            self.state.last_val = self.evaluate()  # resumed at the end: figures still reported
+        return self.final_metrics()
+
+    def final_metrics(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        return {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "train_time_s": self.state.train_time_s,
+            "tokens_per_s": self.state.tokens / max(self.state.train_time_s, 1e-9),
+            "train_loss_last": self.losses[-1] if self.losses else None,
+            "best_val_loss": self.state.best_val_loss,
+            "batch_tokens": cfg.batch_size * cfg.seq_len * cfg.grad_accum,
+            **self.state.last_val,
+        }
