@@ -91,7 +91,7 @@ def _check_weights_only(file: Path, final: Path) -> None:
     try:
         torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
             final, f"{file.name} holds objects other than tensors and numbers ({first_line})"
         ) from exc
