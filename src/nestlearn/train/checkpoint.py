@@ -66,7 +66,9 @@ def save_checkpoint(
     `load_checkpoint` under the key "extra" of the trainer state, which must not use that key.
     """
     if extra_tensors is not None and "extra" in trainer_state:
-        raise ValueError("trainer_state may not contain the key 'extra' when extra_tensors is given")
+        raise ValueError(
+            "trainer_state may not contain the key 'extra' when extra_tensors is given"
+        )
     final = Path(root) / checkpoint_dir_name(step)
     with atomic_directory(final) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
@@ -91,9 +93,10 @@ def _check_weights_only(file: Path, final: Path) -> None:
     try:
         torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        culprit = f": {found.group(1)}" if found else ""
         raise CheckpointError(
-            final, f"{file.name} holds objects other than tensors and numbers ({first_line})"
+            final, f"{file.name} holds objects other than tensors and numbers{culprit}"
         ) from exc
 
 
@@ -143,7 +146,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     manifest = _read_manifest(path)
     files = manifest.get("files")
     if not isinstance(files, dict) or not set(PAYLOAD_FILES) <= set(files):
-        raise CheckpointError(path, f"{MANIFEST_FILE} does not list all of {', '.join(PAYLOAD_FILES)}")
+        raise CheckpointError(
+            path, f"{MANIFEST_FILE} does not list all of {', '.join(PAYLOAD_FILES)}"
+        )
     for name, entry in files.items():
         _verify_file(path, name, entry)
     return manifest

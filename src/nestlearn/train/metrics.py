@@ -122,7 +122,9 @@ class WandbSink:
         try:
             import wandb
         except ImportError as exc:
-            raise ImportError("logging.wandb=true needs wandb: pip install 'nestlearn[wandb]'") from exc
+            raise ImportError(
+                "logging.wandb=true needs wandb: pip install 'nestlearn[wandb]'"
+            ) from exc
         self._run = wandb.init(project=project, name=run_name, config=config, dir=str(run_dir))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -157,7 +159,10 @@ class MultiSink:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 

@@ -25,6 +25,7 @@ from nestlearn.optim import build_optimizer, build_scheduler
 from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from nestlearn.train.metrics import make_sinks
 from nestlearn.train.progress import Progress
+from nestlearn.utils.io import read_json
 from nestlearn.utils.seeding import resolve_device
 
 
@@ -84,8 +85,6 @@ class Trainer:
         path = resolve_resume(self.ckpt_root, resume)
         if path is None:
             return False
-        from nestlearn.utils.io import read_json
-
         conflicts = resume_conflicts(read_json(path / "config.json"), self.config_dict)
         if conflicts:
             raise ValueError(
@@ -110,7 +109,7 @@ class Trainer:
             with autocast_context(self.device, cfg.precision):
                 logits, _ = self.model(x)
             loss = lm_loss(logits, y)
-            (loss / cfg.grad_accum).backward()
+            torch.autograd.backward(loss / cfg.grad_accum)
             total += float(loss.detach())
         loss_value = total / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -176,7 +175,7 @@ class Trainer:
                 step = self.state.step
                 lr = self.scheduler.get_last_lr()[0]
                 tps = self.state.tokens / max(self.state.train_time_s, 1e-9)
-                progress.update(step, loss=loss, lr=lr, tok_s=tps)
+                progress.update(step, loss=loss, lr=lr, tokens_per_s=tps)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     self.sinks.log({"step": step, "split": "train", "loss": loss,
                                     "loss_avg": sum(window) / len(window), "lr": lr,

@@ -1,0 +1,183 @@
+"""Training throughput and MFU of model configs on this machine.
+
+MFU = tokens/s x model FLOPs per token / the machine's measured peak matmul FLOP/s. The peak
+is measured here (best of several large square `torch.mm`), not taken from a data sheet, so
+the figure says how well the model uses what this machine can actually do.
+
+    python benchmarks/train_throughput.py --configs transformer/pilot_smoke,transformer/pilot
+    python benchmarks/train_throughput.py --configs default \
+        --overrides model.d_model=128 model.n_layers=4 --seq-len 256 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nestlearn.config import ConfigError, RunConfig, load_config
+from nestlearn.models import build
+from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.seeding import seed_everything
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="transformer/pilot_smoke,transformer/pilot",
+                   help="comma-separated config names; 'default' is the built-in defaults")
+    p.add_argument("--overrides", "--model-overrides", nargs="*", default=[],
+                   help="a.b.c=value overrides applied to every config")
+    p.add_argument("--seq-len", type=int, help="default: the config's train.seq_len")
+    p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n peak matmul")
+    p.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Fastest of `repeats` timed calls, after one untimed call (allocations, kernel choice)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """FLOP/s of the best n x n x n matmul: 2 n^3 multiply-adds."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b), device, repeats)
+
+
+def bench_config(name: str, cfg: RunConfig, args: argparse.Namespace, device: torch.device,
+                 peak: float) -> dict[str, Any]:
+    """Time forward + backward + AdamW steps on random tokens; report throughput and MFU."""
+    seq_len = args.seq_len or cfg.train.seq_len
+    batch = args.batch_size or cfg.train.batch_size
+    vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
+    seed_everything(cfg.seed)
+    model = build(dataclasses.replace(cfg.model, vocab_size=vocab)).to(device)
+    opt = cfg.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]),
+                                  eps=opt.eps, weight_decay=opt.weight_decay)
+    batches = [torch.randint(0, vocab, (batch, seq_len + 1), device=device) for _ in range(4)]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if cfg.train.precision == "bf16" else contextlib.nullcontext())
+
+    times: list[float] = []
+    for step in range(args.warmup + args.steps):
+        ids = batches[step % len(batches)]
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            logits, _ = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        optimizer.step()
+        synchronize(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+
+    step_s = statistics.median(times)
+    tokens_per_s = batch * seq_len / step_s
+    flops_per_token = model.flops_per_token(seq_len)
+    achieved = tokens_per_s * flops_per_token
+    return {
+        "config": name, "model_type": cfg.model.type, "precision": cfg.train.precision,
+        "params": model.num_params(), "non_embedding_params": model.num_params(True),
+        "vocab_size": vocab, "batch_size": batch, "seq_len": seq_len,
+        "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times),
+        "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
+        "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
+        "final_loss": float(loss.item()),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (f"{'config':<28} {'params':>9} {'B':>4} {'T':>5} {'step ms':>9} {'tok/s':>10} "
+              f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'MFU':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['config']:<28} {r['params'] / 1e6:>8.2f}M {r['batch_size']:>4} {r['seq_len']:>5} "
+              f"{r['step_s_median'] * 1e3:>9.1f} {r['tokens_per_s']:>10.0f} "
+              f"{r['flops_per_token'] / 1e6:>10.2f} {r['achieved_flops'] / 1e9:>9.2f} "
+              f"{r['mfu'] * 100:>6.1f}%")
+
+
+def load_named(name: str, overrides: list[str]) -> RunConfig | None:
+    """The config `name` with overrides, or None (with a note) if it does not exist yet."""
+    try:
+        return load_config(None if name == "default" else name, overrides)
+    except ConfigError as exc:
+        if exc.key != "--config-name":
+            raise
+        print(f"skipping {name}: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    configs = [(n, load_named(n, args.overrides)) for n in args.configs.split(",") if n]
+    found = [(n, c) for n, c in configs if c is not None]
+    if not found:
+        print("no config found; try --configs default --overrides model.d_model=128 ...",
+              file=sys.stderr)
+        return 2
+
+    peaks = {p: peak_matmul_flops(device, DTYPES[p], args.matmul_size)
+             for p in sorted({c.train.precision for _, c in found} | {"fp32"})}
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          + ", ".join(f"peak {p} matmul {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()))
+    rows = [bench_config(n, c, args, device, peaks[c.train.precision]) for n, c in found]
+    print_table(rows)
+    atomic_write_json(args.out, {
+        "machine": {"device": str(device), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "matmul_size": args.matmul_size,
+                    "peak_flops": peaks},
+        "settings": {"steps": args.steps, "warmup": args.warmup, "overrides": args.overrides},
+        "results": rows,
+    })
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

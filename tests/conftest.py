@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny run config on a slice of the default corpus, prepared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nestlearn.config import RunConfig, load_config
+
+torch.set_num_threads(2)
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """A config that trains in seconds: ~400 kB of stdlib code, a 512-piece tokenizer."""
+    return [
+        f"data.artifacts_dir={root / 'artifacts'}",
+        "data.max_chars_per_source=400000",
+        "data.tokenizer.vocab_size=512",
+        "data.tokenizer.max_sentences=20000",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        "train.steps=40",
+        "train.eval_every=20",
+        "train.eval_batches=4",
+        "train.ckpt_every=20",
+        "train.log_every=5",
+        "optimizer.warmup_steps=5",
+        "logging.progress=none",
+        f"out_dir={root / 'runs'}",
+        "name=tiny",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_root: Path):  # type: ignore[no-untyped-def]
+    from nestlearn import pipeline
+
+    cfg = load_config("transformer/pilot_smoke", tiny_overrides(tiny_root))
+    return pipeline.prepare(cfg, log=lambda _: None)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_root: Path, tmp_path: Path) -> RunConfig:
+    """The tiny config, sharing the prepared data but with a fresh run directory."""
+    return load_config("transformer/pilot_smoke",
+                       [*tiny_overrides(tiny_root), f"out_dir={tmp_path / 'runs'}"])
