@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -167,16 +168,14 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
-def _visible_files(root: Path, pattern: str) -> list[Path]:
-    """Files under `root` matching `pattern`, skipping hidden and third-party package dirs."""
-    found = []
-    for path in root.rglob(pattern):
-        parts = path.relative_to(root).parts
-        if any(p in _EXCLUDED_DIRS or p.startswith(".") for p in parts):
-            continue
-        if path.is_file():
-            found.append(path)
-    return sorted(found)
+def _visible_files(root: Path, suffix: str = "") -> list[Path]:
+    """Files under `root` ending in `suffix`; hidden and third-party package dirs are pruned."""
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS and not d.startswith(".")]
+        found.extend(Path(folder, f) for f in files
+                     if f.endswith(suffix) and not f.startswith("."))
+    return sorted(p for p in found if p.is_file())
 
 
 def _glob_root(spec: str) -> Path:
@@ -189,7 +188,7 @@ def _glob_root(spec: str) -> Path:
 def _resolve_files(spec: str) -> tuple[Path | None, list[Path]]:
     path = Path(spec).expanduser()
     if path.is_dir():
-        return path.resolve(), _visible_files(path.resolve(), "*")
+        return path.resolve(), _visible_files(path.resolve())
     if path.is_file():
         return None, [path.resolve()]
     if _GLOB_MAGIC.search(spec):
@@ -197,7 +196,7 @@ def _resolve_files(spec: str) -> tuple[Path | None, list[Path]]:
         files: set[Path] = set()
         for match in map(Path, glob.glob(spec, recursive=True)):
             if match.is_dir():
-                files.update(_visible_files(match.resolve(), "*"))
+                files.update(_visible_files(match.resolve()))
             elif match.is_file():
                 files.add(match.resolve())
         return root, sorted(files)
@@ -225,7 +224,7 @@ def open_source(spec: str, *, text_field: str = "text", name: str | None = None)
     name = name or source_name(spec)
     if spec == DEFAULT_CORPUS:
         root = stdlib_root()
-        return Source(spec, name, text_field, "files", root, tuple(_visible_files(root, "*.py")))
+        return Source(spec, name, text_field, "files", root, tuple(_visible_files(root, ".py")))
     if spec.startswith("hf:"):
         if len(spec) <= 3:
             raise DataError(f"source '{spec}': expected hf:<dataset name>[:<split>]")

@@ -52,6 +52,10 @@ class SplitStats:
                 "bytes": self.bytes, "tokens": self.tokens}
 
 
+def empty_stats() -> dict[Split, SplitStats]:
+    return {split: SplitStats() for split in SPLITS}
+
+
 class MinHashIndex:
     """Near-duplicate detection: MinHash signatures of word shingles, bucketed by LSH bands.
 
@@ -74,8 +78,10 @@ class MinHashIndex:
         n = max(1, len(words) - self.shingle + 1)
         shingles = {" ".join(words[i:i + self.shingle]) for i in range(n)}
         base = np.array([zlib.crc32(s.encode("utf-8")) for s in shingles], dtype=np.uint64)
-        mixed = (self._a * base[:, None] + self._b) % np.uint64(_MERSENNE)
-        signature: np.ndarray = mixed.min(axis=0)
+        signature = np.full(len(self._a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        for block in np.array_split(base, max(1, len(base) // 4096)):  # bounded memory
+            mixed = (self._a * block[:, None] + self._b) % np.uint64(_MERSENNE)
+            np.minimum(signature, mixed.min(axis=0), out=signature)
         return signature
 
     def add_if_new(self, text: str) -> bool:
@@ -164,8 +170,9 @@ def filtered_documents(source: Source, cfg: DataConfig,
                        stats: dict[Split, SplitStats]) -> Iterator[tuple[Split, Document]]:
     """Kept documents of `source` with their split, counting every decision in `stats`.
 
-    Reading stops once both splits reach their caps; a document whose split is already full
-    is not counted as seen.
+    With caps, reading stops once the training share is full and val holds at least one
+    document, so both splits come from the same leading part of the source (in sorted order).
+    A document whose split is already full is not counted as seen.
     """
     doc_filter = DocumentFilter(cfg.filter)
     caps = _Caps(cfg)
@@ -174,10 +181,10 @@ def filtered_documents(source: Source, cfg: DataConfig,
         stats[split_of(doc_id, cfg.val_fraction)].drop(reason)
 
     for doc in source.documents(on_skip):
+        if caps.full("train") and (caps.used_docs["val"] > 0 or caps.full("val")):
+            return
         split = split_of(doc.doc_id, cfg.val_fraction)
         if caps.full(split):
-            if all(caps.full(s) for s in SPLITS):
-                return
             continue
         reason = doc_filter.reason_to_drop(doc.text)
         if reason is not None:

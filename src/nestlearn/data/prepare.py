@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nestlearn.config.schema import DataConfig
 from nestlearn.data.corpus import SPLITS, Source, Split, open_source, unique_names
 from nestlearn.data.errors import DataError
-from nestlearn.data.filter import SplitStats, filtered_documents
+from nestlearn.data.filter import SplitStats, empty_stats, filtered_documents
 from nestlearn.data.shards import FORMAT_VERSION, ShardWriter, TokenStream, open_shards
 from nestlearn.data.tokenizer import (
     Tokenizer,
@@ -111,7 +111,7 @@ def _documents(source: Source, cfg: DataConfig, stats: dict[Split, SplitStats],
 
 def _train_texts(sources: list[Source], cfg: DataConfig, progress: bool) -> Iterator[str]:
     for source in sources:
-        stats = {s: SplitStats() for s in SPLITS}
+        stats = empty_stats()
         for split, text in _documents(source, cfg, stats, progress, "tokenizer: reading"):
             if split == "train":
                 yield text
@@ -152,7 +152,7 @@ def _valid_source(out_dir: Path, tokenizer: Tokenizer, log: Log) -> bool:
 def _build_source(source: Source, cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path,
                   progress: bool) -> None:
     """One pass over the source writes both splits, each directory replaced atomically."""
-    stats = {s: SplitStats() for s in SPLITS}
+    stats = empty_stats()
     with ExitStack() as stack:
         writers = {s: ShardWriter(stack.enter_context(atomic_directory(out_dir / s)),
                                   vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
@@ -187,26 +187,29 @@ def _stats(fingerprint: str, tokenizer: Tokenizer, sources: list[Source], weight
            streams: list[dict[Split, TokenStream]]) -> dict[str, Any]:
     """stats.json: per source and split counts, and the baselines a model is compared with.
 
+    `sources[name][split]` holds the counts; `source_info[name]` the spec, weight and entropy.
     `unigram_entropy_nats` is the entropy of the mixture (by weight) of the sources' training
     unigram distributions: the loss of the best context-free predictor of training batches.
     `bytes_per_token` pools all sources of a split; eos separators count as tokens.
     """
     per_source: dict[str, Any] = {}
+    info: dict[str, Any] = {}
     mixture = np.zeros(tokenizer.vocab_size, dtype=np.float64)
     for source, weight, split_streams in zip(sources, weights, streams, strict=True):
         counts = split_streams["train"].token_counts(tokenizer.vocab_size)
         probs = counts / max(1, int(counts.sum()))
         mixture += weight * probs
-        per_source[source.name] = {
-            "spec": source.spec, "weight": weight, "unigram_entropy_nats": _entropy_nats(probs),
-            **{split: stream.manifest["stats"] for split, stream in split_streams.items()}}
+        per_source[source.name] = {split: stream.manifest["stats"]
+                                   for split, stream in split_streams.items()}
+        info[source.name] = {"spec": source.spec, "weight": weight,
+                             "unigram_entropy_nats": _entropy_nats(probs)}
     totals = {split: {key: sum(s[split][key] for s in per_source.values())
                       for key in ("documents_kept", "characters", "bytes", "tokens")}
               for split in SPLITS}
     return {
         "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
         "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-        "sources": per_source, "totals": totals,
+        "sources": per_source, "source_info": info, "totals": totals,
         "unigram_entropy_nats": _entropy_nats(mixture),
         "bytes_per_token": {split: totals[split]["bytes"] / totals[split]["tokens"]
                             for split in SPLITS},

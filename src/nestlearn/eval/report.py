@@ -71,15 +71,17 @@ def _fmt(value: Any) -> str:
 
 
 def _source_rows(stats: dict[str, Any]) -> str:
-    head = "<tr><th>source</th><th>split</th><th>documents</th><th>characters</th><th>tokens</th><th>dropped</th></tr>"
+    head = ("<tr><th>source</th><th>split</th><th>documents kept</th><th>characters</th>"
+            "<th>tokens</th><th>dropped</th></tr>")
     body = []
-    for name, per_split in stats.get("sources", {}).items():
-        for split, s in per_split.items():
+    for name, source in stats.get("sources", {}).items():
+        for split in ("train", "val"):
+            s = source.get(split, {})
             dropped = ", ".join(f"{k}: {v}" for k, v in s.get("dropped", {}).items() if v) or "none"
             body.append(
-                f"<tr><td>{html.escape(name)}</td><td>{split}</td><td>{_fmt(s.get('documents', 0))}</td>"
-                f"<td>{_fmt(s.get('characters', 0))}</td><td>{_fmt(s.get('tokens', 0))}</td>"
-                f"<td>{html.escape(dropped)}</td></tr>")
+                f"<tr><td>{html.escape(name)}</td><td>{split}</td>"
+                f"<td>{_fmt(s.get('documents_kept', 0))}</td><td>{_fmt(s.get('characters', 0))}</td>"
+                f"<td>{_fmt(s.get('tokens', 0))}</td><td>{html.escape(dropped)}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 

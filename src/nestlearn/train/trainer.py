@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,11 +124,14 @@ class Trainer:
                     f"{self.state.bad_steps} consecutive non-finite losses at step "
                     f"{self.state.step + 1}; lower optimizer.lr or enable train.grad_clip")
             self.log(f"warning: non-finite loss at step {self.state.step + 1}; update skipped")
+            with warnings.catch_warnings():  # the schedule advances even for a skipped update
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         else:
             self.state.bad_steps = 0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+            self.scheduler.step()
         return loss_value, grad_norm
 
     # -- evaluation and checkpoints ---------------------------------------------------------

@@ -1,0 +1,146 @@
+"""Throughput of the Titans neural memory: chunk-wise parallel path vs per-token reference vs
+causal softmax attention (SDPA) of the same width, and memory of token-by-token decoding.
+
+    python benchmarks/memory_throughput.py            # dim 256, 4x64 heads, T 2048, decode 1k/4k/16k
+    python benchmarks/memory_throughput.py --quick    # shorter reference run and decode lengths
+
+Training rows time forward + backward (mean of squares as the loss) on random inputs, best of
+``--repeats`` after one warm-up. The reference path is timed on ``--ref-len`` tokens (it is
+linear in length). Decoding feeds one token at a time with the state, under ``no_grad``, and
+samples the process RSS every 64 tokens: a flat peak over lengths means O(1) state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig
+from nestlearn.utils.io import atomic_write_json
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--ref-len", type=int, help="tokens for the reference path (default: --seq-len)")
+    p.add_argument("--decode-lens", default="1024,4096,16384")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--quick", action="store_true", help="--ref-len 256, --decode-lens 256,1024,4096")
+    p.add_argument("--out", default="benchmarks/results/memory_throughput.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.ref_len = args.ref_len or 256
+        args.decode_lens = "256,1024,4096"
+    args.ref_len = args.ref_len or args.seq_len
+    return args
+
+
+class CausalAttention(nn.Module):
+    """Baseline: q/k/v projections, causal SDPA, output projection."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out: Tensor = self.out(y.transpose(1, 2).reshape(b, t, d))
+        return out
+
+
+def time_train(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
+    """Best wall time of forward + backward over ``repeats`` runs after one warm-up."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        fn(x).square().mean().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.no_grad()
+def decode(memory: NeuralMemory, length: int, dim: int) -> dict[str, float]:
+    x = torch.randn(1, length, dim)
+    state: MemoryState | None = None
+    _, state = memory(x[:, :64], state)  # warm up allocator and state shapes
+    base = peak = rss_bytes()
+    start = time.perf_counter()
+    for t in range(length):
+        _, state = memory(x[:, t:t + 1], state)
+        if t % 64 == 0:
+            peak = max(peak, rss_bytes())
+    seconds = time.perf_counter() - start
+    state_bytes = sum(w.numel() * w.element_size() for w in (*state.weights.layers, *state.momentum.layers))
+    return {"tokens": length, "tokens_per_s": length / seconds, "rss_delta_mb": (peak - base) / 2**20,
+            "state_weights_mb": state_bytes / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = NeuralMemoryConfig(d_model=args.dim, heads=args.heads, head_dim=args.dim // args.heads,
+                             depth=args.depth, chunk_size=args.chunk)
+    memory = NeuralMemory(cfg)
+    attention = CausalAttention(args.dim, args.heads)
+    x = torch.randn(args.batch, args.seq_len, args.dim)
+    x_ref = x[:, :args.ref_len]
+
+    rows: list[dict[str, Any]] = []
+    for name, fn, inp, reps in [
+        ("memory_chunked", lambda z: memory(z)[0], x, args.repeats),
+        ("memory_reference", memory.forward_reference, x_ref, 1),
+        ("attention_sdpa", attention, x, args.repeats),
+    ]:
+        seconds = time_train(fn, inp, reps)
+        rows.append({"path": name, "tokens": inp.shape[0] * inp.shape[1], "seconds": seconds,
+                     "tokens_per_s": inp.shape[0] * inp.shape[1] / seconds})
+        print(f"  {name:18s} {rows[-1]['tokens_per_s']:10.0f} tok/s", file=sys.stderr)
+    fast, ref, attn = (r["tokens_per_s"] for r in rows)
+    decode_rows = [decode(memory, int(n), args.dim) for n in args.decode_lens.split(",")]
+
+    print(f"\nTitans memory, dim {args.dim}, {args.heads} heads, depth {args.depth}, chunk {args.chunk}, "
+          f"batch {args.batch}, T {args.seq_len}, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"{'path (fwd+bwd)':20s} {'tokens':>8s} {'seconds':>9s} {'tok/s':>10s}")
+    for r in rows:
+        print(f"{r['path']:20s} {r['tokens']:8d} {r['seconds']:9.3f} {r['tokens_per_s']:10.0f}")
+    print(f"speed-up chunked / reference: {fast / ref:.1f}x; chunked / attention: {fast / attn:.2f}x")
+    print(f"\n{'decode tokens':>14s} {'tok/s':>8s} {'peak RSS delta MB':>18s} {'M+S state MB':>13s}")
+    for d in decode_rows:
+        print(f"{d['tokens']:14d} {d['tokens_per_s']:8.0f} {d['rss_delta_mb']:18.1f} {d['state_weights_mb']:13.2f}")
+    atomic_write_json(args.out, {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "torch": torch.__version__, "load_average": os.getloadavg(),
+        "train": rows, "speedup_vs_reference": fast / ref, "speedup_vs_attention": fast / attn,
+        "decode": decode_rows,
+    })
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

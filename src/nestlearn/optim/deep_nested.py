@@ -1,0 +1,519 @@
+"""DeepNestedOptimizer: learned deep momentum + learned LR controller + multi-frequency CMS.
+
+One step, per parameter p with clipped gradient g (all levels of the Nested Learning view):
+
+1. CMS state (`ContinuumMemoryState`): level i accumulates g and, once every f_i steps, folds
+   the chunk mean into its momentum m_i ← β m_i + (1 − β) a_i / f_i; a second moment v tracks g².
+2. Deep momentum (`L2RegressionMomentum`): a coordinate-wise MLP maps
+   x = [g, m̂_1 … m̂_L] / s (s = √v̂, bias-corrected) to a direction u. It starts as exactly
+   Adam's direction m̂_1 / s, and learns from there.
+3. Controller (`NestedController`): multiplier μ_G ∈ [0.1, 2] per group (core / memory).
+4. θ ← θ − lr_G μ_G (u + wd θ)   (decoupled weight decay).
+
+The same pure function (`_rule`) makes the real step (under no_grad) and each differentiable
+step of the explicit-mode unroll, so the meta-gradient is the gradient of what really runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nestlearn.optim.controller import NestedController, controller_features
+from nestlearn.optim.meta_trainer import (
+    LossFn,
+    SimplifiedMetaTrainer,
+    Transition,
+    UnrolledMetaTrainer,
+    create_meta_trainer,
+)
+from nestlearn.optim.param_groups import group_titans_params, infer_param_depth
+
+BETA = 0.9  # momentum decay per firing of a CMS level
+BETA2 = 0.999  # second-moment decay
+EPS = 1e-8
+LOSS_EMA = 0.9  # running mean of the loss that the controller compares against
+REGRESSION_COORDS = 4096  # coordinates per tensor kept for the L2 regression objective
+META_GRAD_CLIP = 1.0
+
+
+@dataclass(frozen=True)
+class ContinuumMemoryState:
+    """Per-parameter multi-frequency state; immutable so the unroll can branch from it freely.
+
+    Level i sums incoming gradients in `accumulators[i]` and, on every f_i-th advance, updates
+    `momenta[i]` with the chunk mean and resets the sum; `fires[i]` counts those updates (for
+    bias correction and for inspection). `steps` counts advances.
+    """
+
+    frequencies: tuple[int, ...]
+    accumulators: tuple[Tensor, ...]
+    momenta: tuple[Tensor, ...]
+    fires: tuple[int, ...]
+    second_moment: Tensor
+    steps: int = 0
+
+    @classmethod
+    def zeros_like(cls, param: Tensor, frequencies: Sequence[int]) -> ContinuumMemoryState:
+        zero = torch.zeros_like(param)
+        n = len(frequencies)
+        return cls(tuple(frequencies), (zero,) * n, (zero,) * n, (0,) * n, zero)
+
+    def advanced(self, grad: Tensor) -> ContinuumMemoryState:
+        """The state after one more gradient (pure: differentiable, never in place)."""
+        step = self.steps + 1
+        accumulators, momenta, fires = [], [], []
+        for freq, acc, mom, n in zip(self.frequencies, self.accumulators, self.momenta,
+                                     self.fires, strict=True):
+            acc = acc + grad
+            if step % freq == 0:
+                mom = BETA * mom + (1.0 - BETA) * (acc / freq)
+                acc = torch.zeros_like(acc)
+                n += 1
+            accumulators.append(acc)
+            momenta.append(mom)
+            fires.append(n)
+        second = BETA2 * self.second_moment + (1.0 - BETA2) * grad * grad
+        return ContinuumMemoryState(self.frequencies, tuple(accumulators), tuple(momenta),
+                                    tuple(fires), second, step)
+
+    def fired_levels(self) -> list[int]:
+        """Levels that fired on the latest advance."""
+        return [i for i, f in enumerate(self.frequencies) if self.steps and self.steps % f == 0]
+
+    def scale(self) -> Tensor:
+        """s = √(v̂ + ε²): smooth at v = 0, so second-order unrolls stay finite."""
+        v_hat = self.second_moment / (1.0 - BETA2 ** max(self.steps, 1))
+        return torch.sqrt(v_hat + EPS * EPS)
+
+    def features(self, grad: Tensor, scale: Tensor) -> Tensor:
+        """`[numel, L + 1]` momentum-MLP input: gradient and bias-corrected momenta over s."""
+        columns = [grad / scale]
+        for mom, n in zip(self.momenta, self.fires, strict=True):
+            columns.append(mom / ((1.0 - BETA ** n) * scale) if n else torch.zeros_like(grad))
+        return torch.stack([c.reshape(-1) for c in columns], dim=-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accumulators": list(self.accumulators), "momenta": list(self.momenta),
+                "fires": list(self.fires), "second_moment": self.second_moment,
+                "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], frequencies: Sequence[int]) -> ContinuumMemoryState:
+        return cls(tuple(frequencies), tuple(data["accumulators"]), tuple(data["momenta"]),
+                   tuple(int(n) for n in data["fires"]), data["second_moment"], int(data["steps"]))
+
+
+class L2RegressionMomentum(nn.Module):
+    """Deep momentum: a coordinate-wise MLP from (gradient, CMS momenta) features to a direction.
+
+    u(x) = wᵀx + W₂ tanh(W₁ x), without biases: the map is odd, so flipping a coordinate's sign
+    flips its update and the rule cannot drift. `skip_index` picks the input copied at init
+    (W₂ = 0), which makes the untrained memory a standard momentum/Adam direction. It is
+    trained by `regression_loss` (L2 on the next normalised gradient) and, in explicit mode,
+    by the unrolled validation loss.
+    """
+
+    def __init__(self, n_inputs: int, hidden_dim: int = 64, skip_index: int = 1) -> None:
+        super().__init__()
+        if not 0 <= skip_index < n_inputs:
+            raise ValueError(f"skip_index={skip_index} is invalid; expected 0 <= it < {n_inputs}")
+        self.skip = nn.Parameter(torch.zeros(n_inputs))
+        self.hidden = nn.Linear(n_inputs, hidden_dim, bias=False)
+        self.out = nn.Linear(hidden_dim, 1, bias=False)
+        with torch.no_grad():
+            self.skip[skip_index] = 1.0
+            self.out.weight.zero_()
+
+    def forward(self, features: Tensor) -> Tensor:
+        hidden: Tensor = self.out(torch.tanh(self.hidden(features)))
+        return features @ self.skip + hidden.squeeze(-1)
+
+    def regression_loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """½ mean (u(x) − y)²: the memory's inner L2 objective."""
+        return 0.5 * (self.forward(features) - targets).pow(2).mean()
+
+
+@dataclass
+class _Carry:
+    """What the update rule threads from one step to the next besides the parameters."""
+
+    states: list[ContinuumMemoryState]
+    ema_loss: Tensor | None
+    step: int
+
+
+@dataclass
+class _StepAux:
+    context: Tensor
+    mults: Tensor
+    directions: list[Tensor]
+    features: list[Tensor]
+    scales: list[Tensor]
+
+
+@dataclass
+class _Pending:
+    """Step t's record, completed by step t+1's gradient into a `Transition`."""
+
+    active: list[int]
+    context: Tensor
+    lrs: Tensor
+    directions: list[Tensor]
+    samples: list[Tensor]
+    features: list[Tensor]
+    scales: list[Tensor]
+
+
+def _sample_index(numel: int, step: int, device: torch.device) -> Tensor:
+    """Deterministic strided coordinates (offset rotates with the step): no RNG to checkpoint."""
+    stride = max(1, math.ceil(numel / REGRESSION_COORDS))
+    return torch.arange(step % stride, numel, stride, device=device)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid; expected an integer >= {minimum}")
+
+
+def _check_positive(name: str, value: object, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
+        expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ValueError(f"{name}={value!r} is invalid; expected {expected}")
+
+
+class DeepNestedOptimizer(torch.optim.Optimizer):
+    """The nested optimizer of the port guide, usable wherever a torch optimizer is.
+
+    `param_groups` are [core, memory] (`group_titans_params`); each group's "lr" is the base
+    rate (schedulers may change it) and the effective rate is lr × the controller's multiplier.
+    mode="simple": `step(loss)` records the last `k_unroll` transitions before every
+    `meta_update_freq`-th step and then takes one meta-step on `SimplifiedMetaTrainer`'s
+    objective. mode="explicit": call `meta_update(val_batch, loss_fn)` yourself; it unrolls
+    `k_unroll` steps (`UnrolledMetaTrainer`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_lr: float = 1e-3,
+        meta_lr: float = 1e-4,
+        k_unroll: int = 5,
+        cms_frequencies: Sequence[int] = (1, 10, 100),
+        momentum_hidden_dim: int = 64,
+        controller_hidden_dim: int = 32,
+        use_gradient_checkpointing: bool = True,
+        mode: str = "simple",
+        meta_update_freq: int = 100,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model={type(model).__name__} is invalid; expected a torch.nn.Module")
+        _check_positive("base_lr", base_lr)
+        _check_positive("meta_lr", meta_lr)
+        _check_int("k_unroll", k_unroll, 1)
+        freqs = list(cms_frequencies) if isinstance(cms_frequencies, (list, tuple)) else None
+        if (not freqs or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in freqs)
+                or any(b <= a for a, b in pairwise(freqs))):
+            raise ValueError(f"cms_frequencies={cms_frequencies!r} is invalid; expected a "
+                             "non-empty, strictly increasing list of integers >= 1")
+        _check_int("momentum_hidden_dim", momentum_hidden_dim, 1)
+        _check_int("controller_hidden_dim", controller_hidden_dim, 1)
+        if not isinstance(use_gradient_checkpointing, bool):
+            raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} is "
+                             "invalid; expected True or False")
+        if mode not in ("simple", "explicit"):
+            raise ValueError(f"mode={mode!r} is invalid; expected 'simple' or 'explicit'")
+        _check_int("meta_update_freq", meta_update_freq, 1)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_positive("max_grad_norm", max_grad_norm)
+
+        core, memory = group_titans_params(model)
+        if not core and not memory:
+            raise ValueError("model has no trainable parameters; expected at least one")
+        super().__init__([{"params": core, "name": "core"}, {"params": memory, "name": "memory"}],
+                         {"lr": base_lr, "weight_decay": weight_decay})
+
+        self.model = model
+        self.base_lr = base_lr
+        self.meta_lr = meta_lr
+        self.k_unroll = k_unroll
+        self.cms_frequencies = tuple(freqs)
+        self.mode = mode
+        self.meta_update_freq = meta_update_freq
+        self.max_grad_norm = float(max_grad_norm)
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._params: list[nn.Parameter] = [p for g in self.param_groups for p in g["params"]]
+        self._names = [names[id(p)] for p in self._params]
+        self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        depths = [infer_param_depth(n) for n in self._names]
+        n_blocks = max(max(depths) + 1, 1)
+        frac = [(d + 1) / n_blocks if d >= 0 else 0.0 for d in depths]
+        ref = self._params[0]
+        self._group_depths = torch.tensor(
+            [sum(f for f, gi in zip(frac, self._group_of, strict=True) if gi == g) /
+             max(1, self._group_of.count(g)) for g in range(len(self.param_groups))],
+            dtype=ref.dtype, device=ref.device)
+        self._group_is_memory = torch.tensor([0.0, 1.0], dtype=ref.dtype, device=ref.device)
+
+        skip = 1 if self.cms_frequencies[0] == 1 else 0  # fastest per-step momentum, else g
+        self.momentum_mlp = L2RegressionMomentum(len(freqs) + 1, momentum_hidden_dim, skip).to(
+            device=ref.device, dtype=ref.dtype)
+        self.controller = NestedController(controller_hidden_dim).to(device=ref.device,
+                                                                      dtype=ref.dtype)
+        self.meta_optimizer = torch.optim.Adam(
+            [*self.momentum_mlp.parameters(), *self.controller.parameters()], lr=meta_lr)
+        self.meta_trainer = create_meta_trainer(mode, k_unroll, use_gradient_checkpointing)
+
+        for p in self._params:
+            self.state[p]["cms"] = ContinuumMemoryState.zeros_like(p.detach(), freqs)
+        self.global_step = 0
+        self.ema_loss: float | None = None
+        self.last_meta_loss: float | None = None
+        self.controller_grad_norm = 0.0
+        self._mults = torch.ones(len(self.param_groups))
+        self._pending: _Pending | None = None
+
+    # ----------------------------------------------------------------- the update rule
+    def _rule(self, active: list[int], params: list[Tensor], grads: list[Tensor], carry: _Carry,
+              loss: Tensor | None, clip: bool) -> tuple[list[Tensor], _Carry, _StepAux]:
+        """One optimizer step as a pure function of tensors (differentiable end to end)."""
+        if clip:
+            total = torch.sqrt(sum((g * g).sum() for g in grads) + EPS * EPS)  # type: ignore[arg-type]
+            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            grads = [g * coef for g in grads]
+        states = [s.advanced(g) for s, g in zip(carry.states, grads, strict=True)]
+        ref = grads[0]
+        grad_sq = torch.stack([
+            sum(((g * g).sum() for i, g in zip(active, grads, strict=True)
+                 if self._group_of[i] == gi), ref.new_zeros(()))
+            for gi in range(len(self.param_groups))
+        ])
+        context = controller_features(loss, carry.ema_loss, grad_sq, carry.step,
+                                      self._group_depths, self._group_is_memory)
+        mults = self.controller(context)
+        new_params, directions, features, scales = [], [], [], []
+        for i, p, g, s in zip(active, params, grads, states, strict=True):
+            group = self.param_groups[self._group_of[i]]
+            scale = s.scale()
+            x = s.features(g, scale)
+            u = self.momentum_mlp(x).view_as(p)
+            d = u + group["weight_decay"] * p if group["weight_decay"] else u
+            new_params.append(p - group["lr"] * mults[self._group_of[i]] * d)
+            directions.append(d)
+            features.append(x)
+            scales.append(scale)
+        ema = carry.ema_loss
+        if loss is not None:
+            ema = loss if ema is None else LOSS_EMA * ema + (1.0 - LOSS_EMA) * loss
+        return (new_params, _Carry(states, ema, carry.step + 1),
+                _StepAux(context, mults, directions, features, scales))
+
+    def _lrs(self) -> Tensor:
+        ref = self._params[0]
+        return torch.tensor([g["lr"] for g in self.param_groups], dtype=ref.dtype,
+                            device=ref.device)
+
+    # ----------------------------------------------------------------- public API
+    @torch.no_grad()
+    def step(self, loss_value: float | Callable[[], float] | None = None  # type: ignore[override]
+             ) -> dict[str, Any]:
+        """Clip, (maybe) meta-update, and apply one nested step; returns metrics.
+
+        `loss_value` is the training loss of the gradients being applied (a float, or a closure
+        as for torch optimizers); it feeds the controller and the meta-objective's bookkeeping.
+        """
+        if callable(loss_value):
+            with torch.enable_grad():
+                loss_value = float(loss_value())
+        active = [i for i, p in enumerate(self._params) if p.grad is not None]
+        result: dict[str, Any] = {}
+        self.global_step += 1
+        if not active:
+            result.update(global_step=self.global_step, lr_multipliers=self.get_lr_multipliers())
+            return result
+        params = [self._params[i] for i in active]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        simple = isinstance(self.meta_trainer, SimplifiedMetaTrainer)
+        if simple and loss_value is not None:
+            assert isinstance(self.meta_trainer, SimplifiedMetaTrainer)
+            self.meta_trainer.observe_loss(float(loss_value))
+        if self._pending is not None:
+            self._complete_pending(dict(zip(active, grads, strict=True)))
+        if (isinstance(self.meta_trainer, SimplifiedMetaTrainer)
+                and self.global_step % self.meta_update_freq == 0 and self.meta_trainer.ready):
+            with torch.enable_grad():
+                meta, parts = self.meta_trainer.meta_loss(self.momentum_mlp, self.controller)
+                self._meta_step(meta)
+            self.meta_trainer.clear()
+            result.update(parts, meta_loss=self.last_meta_loss)
+
+        ref = params[0]
+        loss = None if loss_value is None else ref.new_tensor(float(loss_value))
+        ema = None if self.ema_loss is None else ref.new_tensor(self.ema_loss)
+        carry = _Carry([self.state[p]["cms"] for p in params], ema, self.global_step - 1)
+        new_params, carry, aux = self._rule(active, [p.detach() for p in params], grads, carry,
+                                            loss, clip=False)
+        for p, new, s in zip(params, new_params, carry.states, strict=True):
+            p.copy_(new)
+            self.state[p]["cms"] = s
+        self.ema_loss = None if carry.ema_loss is None else float(carry.ema_loss)
+        self._mults = aux.mults.detach().cpu()
+        distance = self.meta_update_freq - self.global_step % self.meta_update_freq
+        if simple and distance <= self.k_unroll:
+            self._remember(active, aux)
+        result.update(global_step=self.global_step, lr_multipliers=self.get_lr_multipliers(),
+                      grad_norm=float(grad_norm), cms_fired=carry.states[0].fired_levels())
+        return result
+
+    def _remember(self, active: list[int], aux: _StepAux) -> None:
+        samples = [_sample_index(x.shape[0], self.global_step, x.device) for x in aux.features]
+        self._pending = _Pending(
+            active=active, context=aux.context.detach(), lrs=self._lrs(),
+            directions=[d.detach() for d in aux.directions], samples=samples,
+            features=[x[idx].detach() for x, idx in zip(aux.features, samples, strict=True)],
+            scales=[s.reshape(-1)[idx].detach()
+                    for s, idx in zip(aux.scales, samples, strict=True)])
+
+    def _complete_pending(self, next_grads: dict[int, Tensor]) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None and isinstance(self.meta_trainer, SimplifiedMetaTrainer)
+        lookahead = torch.zeros_like(pending.lrs)
+        features, targets = [], []
+        for j, i in enumerate(pending.active):
+            g = next_grads.get(i)
+            if g is None:
+                continue
+            lookahead[self._group_of[i]] += (g * pending.directions[j]).sum()
+            features.append(pending.features[j])
+            targets.append(g.reshape(-1)[pending.samples[j]] / pending.scales[j])
+        if features:
+            self.meta_trainer.record(Transition(pending.context, pending.lrs, lookahead,
+                                                torch.cat(features), torch.cat(targets)))
+
+    def _meta_step(self, meta_loss: Tensor) -> None:
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(meta_loss)
+        ctrl = [p.grad for p in self.controller.parameters() if p.grad is not None]
+        self.controller_grad_norm = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in ctrl]))) if ctrl else 0.0
+        torch.nn.utils.clip_grad_norm_([*self.momentum_mlp.parameters(),
+                                        *self.controller.parameters()], META_GRAD_CLIP)
+        self.meta_optimizer.step()
+        self.last_meta_loss = float(meta_loss.detach())
+
+    def meta_objective(self, val_batch: Any, loss_fn: LossFn | None = None,
+                       train_batches: Sequence[Any] | None = None) -> tuple[Tensor, float]:
+        """Explicit-mode objective: (L_val after the k_unroll-step unroll, L_val before it).
+
+        The returned tensor is differentiable in the momentum MLP and controller parameters;
+        model parameters and optimizer state are left untouched (see `meta_update`).
+        """
+        if not isinstance(self.meta_trainer, UnrolledMetaTrainer):
+            raise RuntimeError("meta_update(val_batch) needs mode='explicit'; "
+                               "mode='simple' meta-updates inside step()")
+        active = list(range(len(self._params)))
+        ref = self._params[0]
+        ema = None if self.ema_loss is None else ref.new_tensor(self.ema_loss)
+        carry = _Carry([self.state[p]["cms"] for p in self._params], ema, self.global_step)
+
+        def rule(params: list[Tensor], grads: list[Tensor], c: _Carry, loss: Tensor
+                 ) -> tuple[list[Tensor], _Carry]:
+            new_params, new_carry, _ = self._rule(active, params, grads, c, loss, clip=True)
+            return new_params, new_carry
+
+        with torch.enable_grad():
+            return self.meta_trainer.meta_loss(self.model, self._names, self._params, carry, rule,
+                                               val_batch, loss_fn, train_batches)
+
+    def meta_update(self, val_batch: Any, loss_fn: LossFn | None = None,
+                    train_batches: Sequence[Any] | None = None) -> dict[str, float]:
+        """Explicit mode: one meta-step on L_val after a k_unroll-step differentiable unroll.
+
+        `val_batch` is `(inputs, targets)` with `loss_fn(model(inputs), targets)`, or the model's
+        inputs when the model returns its loss (scalar or {"loss": ...}); inner steps use
+        `train_batches` (default: `val_batch` k_unroll times). Model parameters and optimizer
+        state are unchanged. Returns meta_loss (L_val after the unroll) and meta_improvement
+        (after − before; negative is better).
+        """
+        meta, before = self.meta_objective(val_batch, loss_fn, train_batches)
+        with torch.enable_grad():
+            self._meta_step(meta)
+        return {"meta_loss": float(meta.detach()), "meta_improvement": float(meta.detach()) - before}
+
+    def get_lr_multipliers(self) -> list[float]:
+        """Latest controller multipliers, [core, memory]."""
+        return [float(m) for m in self._mults]
+
+    def get_effective_lrs(self) -> list[float]:
+        """Group lr × multiplier, [core, memory]: the rates the last step actually used."""
+        return [float(g["lr"]) * m for g, m in zip(self.param_groups, self.get_lr_multipliers(),
+                                                    strict=True)]
+
+    def get_momentum_stats(self) -> dict[str, float]:
+        """Mean L2 norm of each CMS level's momentum over parameters (level 0 = momentum_avg_norm)."""
+        stats: dict[str, float] = {}
+        for level in range(len(self.cms_frequencies)):
+            norms = [float(self.state[p]["cms"].momenta[level].norm()) for p in self._params]
+            stats[f"level{level}_avg_norm"] = sum(norms) / len(norms)
+        stats["momentum_avg_norm"] = stats["level0_avg_norm"]
+        return stats
+
+    # ----------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume identically; tensors and plain values only."""
+        pending = None
+        if self._pending is not None:
+            pk = self._pending
+            pending = {"active": pk.active, "context": pk.context, "lrs": pk.lrs,
+                       "directions": pk.directions, "samples": pk.samples,
+                       "features": pk.features, "scales": pk.scales}
+        meta_trainer = (self.meta_trainer.state_dict()
+                        if isinstance(self.meta_trainer, SimplifiedMetaTrainer) else {})
+        return {
+            "param_groups": [{"lr": g["lr"], "weight_decay": g["weight_decay"],
+                              "n_params": len(g["params"])} for g in self.param_groups],
+            "state": [self.state[p]["cms"].to_dict() for p in self._params],
+            "momentum_mlp": self.momentum_mlp.state_dict(),
+            "controller": self.controller.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "meta_trainer": meta_trainer,
+            "pending": pending,
+            "global_step": self.global_step,
+            "ema_loss": self.ema_loss,
+            "last_meta_loss": self.last_meta_loss,
+            "controller_grad_norm": self.controller_grad_norm,
+            "lr_multipliers": self._mults.clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        if [g["n_params"] for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("state_dict param groups do not match this model's "
+                             "(core, memory) parameter counts")
+        for group, saved in zip(self.param_groups, groups, strict=True):
+            group["lr"], group["weight_decay"] = saved["lr"], saved["weight_decay"]
+        for p, s in zip(self._params, state_dict["state"], strict=True):
+            self.state[p]["cms"] = ContinuumMemoryState.from_dict(s, self.cms_frequencies)
+        self.momentum_mlp.load_state_dict(state_dict["momentum_mlp"])
+        self.controller.load_state_dict(state_dict["controller"])
+        self.meta_optimizer.load_state_dict(state_dict["meta_optimizer"])
+        if isinstance(self.meta_trainer, SimplifiedMetaTrainer):
+            self.meta_trainer.load_state_dict(state_dict["meta_trainer"])
+        pending = state_dict["pending"]
+        self._pending = None if pending is None else _Pending(**pending)
+        self.global_step = int(state_dict["global_step"])
+        self.ema_loss = state_dict["ema_loss"]
+        self.last_meta_loss = state_dict["last_meta_loss"]
+        self.controller_grad_norm = float(state_dict["controller_grad_norm"])
+        self._mults = state_dict["lr_multipliers"].clone()

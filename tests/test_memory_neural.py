@@ -1,0 +1,171 @@
+"""``NeuralMemory``: fast path == reference path (outputs and every parameter's gradient),
+exact streaming, options, and in-context learning of key/value pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig
+
+TINY = NeuralMemoryConfig(d_model=8, heads=2, head_dim=4, depth=2, expansion=2.0, chunk_size=4,
+                          max_lr=0.5, grad_clip=1.0)
+
+
+def build(cfg: NeuralMemoryConfig, seed: int = 0) -> NeuralMemory:
+    torch.manual_seed(seed)
+    return NeuralMemory(cfg).double()
+
+
+def inputs(t: int, seed: int = 1, d_model: int = 8) -> Tensor:
+    return torch.randn(2, t, d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+VARIANTS = {
+    "default": {},
+    "depth1": {"depth": 1},
+    "depth3_gelu_residual": {"depth": 3, "activation": "gelu", "residual": True},
+    "no_momentum": {"momentum": False},
+    "no_forgetting": {"forgetting": False},
+    "plain": {"momentum": False, "forgetting": False, "conv_kernel": 0, "qk_norm": False,
+              "output_gate": False, "grad_clip": None},
+    "chunk1": {"chunk_size": 1},
+    "chunk3": {"chunk_size": 3},
+    "chunk8": {"chunk_size": 8},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("length", [11, 3])
+def test_forward_equals_reference(variant: str, length: int) -> None:
+    memory = build(dataclasses.replace(TINY, **VARIANTS[variant]))
+    x = inputs(length)
+    y, state = memory(x)
+    assert y.shape == x.shape
+    assert state.position == length % memory.config.chunk_size
+    torch.testing.assert_close(y, memory.forward_reference(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["default", "chunk3", "depth3_gelu_residual"])
+def test_parameter_gradients_equal_reference(variant: str) -> None:
+    memory = build(dataclasses.replace(TINY, **VARIANTS[variant]))
+    x = inputs(10).requires_grad_()
+    params = [x, *memory.parameters()]
+    names = ["x"] + [n for n, _ in memory.named_parameters()]
+    assert {"to_qkv.weight", "to_theta.weight", "to_eta.bias", "to_alpha.weight",
+            "memory_init.0", "conv_weight"} <= set(names)
+    probe = inputs(10, seed=5)
+    fast = torch.autograd.grad((memory(x)[0] * probe).sum(), params)
+    ref = torch.autograd.grad((memory.forward_reference(x) * probe).sum(), params)
+    for name, a, b in zip(names, fast, ref, strict=True):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def _run_in_pieces(memory: NeuralMemory, x: Tensor, cuts: list[int]) -> tuple[Tensor, MemoryState]:
+    state: MemoryState | None = None
+    ys = []
+    for start, end in zip([0, *cuts], [*cuts, x.shape[1]], strict=True):
+        y, state = memory(x[:, start:end], state)
+        ys.append(y)
+    assert state is not None
+    return torch.cat(ys, dim=1), state
+
+
+@pytest.mark.parametrize("cuts", [[4, 8], [1, 2, 3, 9], [5, 6, 13], list(range(1, 14))],
+                         ids=["chunk_aligned", "ragged", "mid_chunk", "token_by_token"])
+def test_streaming_equals_one_call(cuts: list[int]) -> None:
+    memory = build(TINY)
+    x = inputs(14)
+    y, state = memory(x)
+    y_parts, state_parts = _run_in_pieces(memory, x, cuts)
+    torch.testing.assert_close(y_parts, y, rtol=1e-12, atol=1e-12)
+    assert state_parts.position == state.position == 2
+    for a, b in zip(state_parts.weights.layers, state.weights.layers, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert state.conv_cache is not None and state_parts.conv_cache is not None
+    torch.testing.assert_close(state_parts.conv_cache, state.conv_cache)
+
+
+def test_decode_without_grad_and_detach() -> None:
+    memory = build(TINY)
+    x = inputs(9)
+    y, _ = memory(x)
+    state = None
+    with torch.no_grad():
+        for t in range(9):
+            y_t, state = memory(x[:, t:t + 1], state)
+            torch.testing.assert_close(y_t, y[:, t:t + 1].detach(), rtol=1e-12, atol=1e-12)
+    _, state = memory(x)
+    assert state.weights.layers[0].requires_grad
+    assert not state.detach().weights.layers[0].requires_grad
+
+
+def test_stats() -> None:
+    memory = build(TINY)
+    _, state = memory(inputs(7))
+    assert state.stats is not None
+    stats = state.stats.as_dict()
+    assert set(stats) == {"theta", "eta", "alpha", "surprise_norm", "momentum_norm"}
+    assert 0 < stats["theta"] < TINY.max_lr and 0 < stats["eta"] < 1 and 0 < stats["alpha"] < 1
+    assert stats["surprise_norm"] > 0 and stats["momentum_norm"] > 0
+    _, state = build(dataclasses.replace(TINY, momentum=False, forgetting=False))(inputs(7))
+    assert state.stats is not None and state.stats.eta == 0 and state.stats.alpha == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [("heads", 0), ("chunk_size", 0), ("max_lr", 0.0),
+                                              ("grad_clip", -1.0), ("init_scale", 0.0),
+                                              ("activation", "tanh"), ("conv_kernel", -1)])
+def test_config_validation(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field if field != "activation" else "activation"):
+        dataclasses.replace(TINY, **{field: value})
+
+
+def test_zero_init_allowed_for_linear_memory() -> None:
+    memory = build(dataclasses.replace(TINY, depth=1, init_scale=0.0))
+    assert all((w == 0).all() for w in memory.memory_init)
+
+
+def _identity_memory(depth: int, max_lr: float, momentum: bool, dk: int, chunk: int) -> NeuralMemory:
+    """x = [key | value | write flag]: q = k = key, v = value, θ ≈ max_lr on writes, ≈ 0 on reads."""
+    cfg = NeuralMemoryConfig(d_model=2 * dk + 1, heads=1, head_dim=dk, depth=depth, expansion=2.0,
+                             chunk_size=chunk, momentum=momentum, forgetting=False, conv_kernel=0,
+                             output_gate=False, max_lr=max_lr)
+    memory = build(cfg)
+    eye = torch.eye(dk, dtype=torch.float64)
+    with torch.no_grad():
+        memory.to_qkv.weight.zero_()
+        memory.to_qkv.weight[:dk, :dk] = eye
+        memory.to_qkv.weight[dk:2 * dk, :dk] = eye
+        memory.to_qkv.weight[2 * dk:, dk:2 * dk] = eye
+        memory.to_theta.weight.zero_()
+        memory.to_theta.weight[0, -1] = 40.0
+        memory.to_theta.bias.fill_(-20.0)
+        memory.to_out.weight.zero_()
+        memory.to_out.weight[:dk, :dk] = eye
+    return memory
+
+
+@pytest.mark.parametrize(("depth", "max_lr", "momentum"), [(1, 0.3, False), (2, 0.05, True)])
+def test_memory_learns_key_value_pairs_in_context(depth: int, max_lr: float, momentum: bool) -> None:
+    """Write N pairs (one chunk), read them back, repeat: the recall error falls every pass."""
+    dk, n, passes = 16, 8, 6
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(n, dk, generator=gen, dtype=torch.float64)
+    values = torch.randn(n, dk, generator=gen, dtype=torch.float64)
+    write = torch.cat([keys, values, torch.ones(n, 1, dtype=torch.float64)], -1)
+    read = torch.cat([keys, torch.zeros(n, dk + 1, dtype=torch.float64)], -1)
+    x = torch.cat([torch.cat([write[torch.randperm(n, generator=gen)], read]) for _ in range(passes)])
+    memory = _identity_memory(depth, max_lr, momentum, dk, n)
+    with torch.no_grad():
+        y, _ = memory(x[None])
+    target = F.silu(values)  # v_t = SiLU(x_t W_V) (§4.4)
+    errors = [float((y[0, (2 * p + 1) * n:(2 * p + 2) * n, :dk] - target).square().sum()
+                    / target.square().sum()) for p in range(passes)]
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.15 < errors[0], errors

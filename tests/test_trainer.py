@@ -1,0 +1,113 @@
+"""Trainer unit behaviour: NaN guard, gradient accumulation, bf16 autocast, schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from nestlearn import models, pipeline
+from nestlearn.config import OptimizerConfig, RunConfig
+from nestlearn.optim import lr_factor, param_groups
+from nestlearn.train.trainer import Trainer, TrainingDiverged, resume_conflicts
+
+QUIET = lambda _msg: None  # noqa: E731
+
+
+def make_trainer(cfg: RunConfig, data: Any, **train: Any) -> Trainer:
+    cfg = pipeline.with_vocab(cfg, data)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    torch.manual_seed(0)
+    return Trainer(cfg, models.build(cfg.model), data, pipeline.run_dir_of(cfg), log=QUIET)
+
+
+def test_non_finite_loss_skips_the_update_then_fails(tiny_cfg: RunConfig, tiny_prepared: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer(tiny_cfg, tiny_prepared, steps=10, max_bad_steps=3)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    original = trainer.model.forward
+
+    def poisoned(ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        logits, new_state = original(ids, state)
+        return logits * float("nan"), new_state
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses"):
+        trainer.fit()
+    after = list(trainer.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_one_bad_step_is_skipped_and_training_goes_on(tiny_cfg: RunConfig, tiny_prepared: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer(tiny_cfg, tiny_prepared, steps=4, eval_every=4, ckpt_every=4)
+    original = trainer.model.forward
+    calls = {"n": 0}
+
+    def once_bad(ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        calls["n"] += 1
+        logits, new_state = original(ids, state)
+        return (logits * float("inf") if calls["n"] == 2 else logits), new_state
+
+    monkeypatch.setattr(trainer.model, "forward", once_bad)
+    final = trainer.fit()
+    assert final["step"] == 4 and math.isfinite(final["val_loss"])
+    assert not math.isfinite(trainer.losses[1]) and math.isfinite(trainer.losses[-1])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_grad_accumulation_averages_micro_batches(tiny_cfg: RunConfig, tiny_prepared: Any) -> None:
+    """With accumulation the update uses the mean gradient of the micro-batches."""
+    trainer = make_trainer(tiny_cfg, tiny_prepared, grad_accum=3, grad_clip=0.0)
+    loader_copy = make_trainer(tiny_cfg, tiny_prepared).loader
+    model = trainer.model
+    reference = [torch.zeros_like(p) for p in model.parameters()]
+    for _ in range(3):
+        x, y = loader_copy.next_batch()
+        model.zero_grad()
+        logits, _ = model(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                          y.reshape(-1)).backward()
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r += p.grad / 3
+    model.zero_grad()
+    captured: list[torch.Tensor] = []
+    trainer.optimizer.step = lambda *a, **k: captured.extend(  # type: ignore[method-assign]
+        p.grad.clone() for p in model.parameters())
+    trainer._train_step()
+    for r, g in zip(reference, captured, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_trains(tiny_cfg: RunConfig, tiny_prepared: Any) -> None:
+    trainer = make_trainer(tiny_cfg, tiny_prepared, steps=3, precision="bf16", eval_every=3,
+                           ckpt_every=3)
+    final = trainer.fit()
+    assert math.isfinite(final["val_loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    cfg = OptimizerConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, 100, cfg) == pytest.approx(0.55)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(500, 100, cfg) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_gains(tiny_cfg: RunConfig, tiny_prepared: Any) -> None:
+    model = models.build(pipeline.with_vocab(tiny_cfg, tiny_prepared).model)
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"])  # type: ignore[attr-defined]
+    assert no_decay["params"] and all(p.dim() == 1 for p in no_decay["params"])  # type: ignore[attr-defined]
+
+
+def test_resume_conflicts_name_the_changed_sections() -> None:
+    saved = {"seed": 0, "model": {"d_model": 64}, "train": {"batch_size": 8, "steps": 10}}
+    current = {"seed": 0, "model": {"d_model": 96}, "train": {"batch_size": 8, "steps": 99}}
+    assert resume_conflicts(saved, current) == ["model"]
