@@ -100,7 +100,7 @@ def test_unknown_config_name_suggests() -> None:
 
 
 def test_bad_override_form() -> None:
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         parse_override("train.steps")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from typing import Any
 
 import pytest
@@ -12,16 +13,18 @@ import torch
 from nestlearn import models, pipeline
 from nestlearn.config import OptimizerConfig, RunConfig
 from nestlearn.optim import lr_factor, param_groups
+from nestlearn.train.metrics import read_jsonl
 from nestlearn.train.trainer import Trainer, TrainingDiverged, resume_conflicts
 
 QUIET = lambda _msg: None  # noqa: E731
 
 
-def make_trainer(cfg: RunConfig, data: Any, **train: Any) -> Trainer:
+def make_trainer(cfg: RunConfig, data: Any, resume: str | None = None, **train: Any) -> Trainer:
     cfg = pipeline.with_vocab(cfg, data)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
     torch.manual_seed(0)
-    return Trainer(cfg, models.build(cfg.model), data, pipeline.run_dir_of(cfg), log=QUIET)
+    return Trainer(cfg, models.build(cfg.model), data, pipeline.run_dir_of(cfg), resume=resume,
+                   log=QUIET)
 
 
 def test_non_finite_loss_skips_the_update_then_fails(tiny_cfg: RunConfig, tiny_prepared: Any,
@@ -111,3 +114,43 @@ def test_resume_conflicts_name_the_changed_sections() -> None:
     saved = {"seed": 0, "model": {"d_model": 64}, "train": {"batch_size": 8, "steps": 10}}
     current = {"seed": 0, "model": {"d_model": 96}, "train": {"batch_size": 8, "steps": 99}}
     assert resume_conflicts(saved, current) == ["model"]
+
+
+@pytest.mark.parametrize("kind", ["delta_momentum", "dmgd", "m3", "nested"])
+def test_every_optimizer_type_trains_and_resumes_exactly(kind: str, tiny_cfg: RunConfig,
+                                                         tiny_prepared: Any) -> None:
+    extra = {"nested_optimizer": dataclasses.replace(
+        tiny_cfg.optimizer.nested_optimizer, momentum_hidden_dim=8, meta_update_freq=3,
+        k_unroll=2)}
+    cfg = dataclasses.replace(tiny_cfg, optimizer=dataclasses.replace(
+        tiny_cfg.optimizer, type=kind, lr=0.003, matrix_lr=0.02, m3_frequency=2, **extra))
+    full = make_trainer(cfg, tiny_prepared, steps=6, ckpt_every=3, eval_every=3, log_every=1,
+                        keep_checkpoints=0)
+    full.fit()
+    assert all(math.isfinite(v) for v in full.losses)
+    assert full.losses[-1] < full.losses[0]
+    other = dataclasses.replace(cfg, name=f"{kind}_resumed")
+    run_dir = pipeline.run_dir_of(other) / "checkpoints"
+    shutil.copytree(pipeline.run_dir_of(cfg) / "checkpoints" / "step_000003",
+                    run_dir / "step_000003")
+    resumed = make_trainer(other, tiny_prepared, steps=6, ckpt_every=3, eval_every=3,
+                           log_every=1, keep_checkpoints=0, resume="auto")
+    resumed.fit()
+    assert resumed.losses == full.losses[3:]
+    if kind == "nested":
+        records = read_jsonl(pipeline.run_dir_of(cfg) / "metrics.jsonl")
+        train = [r for r in records if r["split"] == "train"]
+        assert {"nested/lr_multiplier_core", "nested/meta_loss",
+                "nested/momentum_avg_norm"} <= set(train[-1])
+        assert full.scheduler is None
+        assert any(r["nested/lr_multiplier_core"] != 1.0 for r in train[3:])
+
+
+def test_explicit_nested_mode_runs_meta_updates(tiny_cfg: RunConfig, tiny_prepared: Any) -> None:
+    nested = dataclasses.replace(tiny_cfg.optimizer.nested_optimizer, mode="explicit",
+                                 meta_update_freq=2, k_unroll=1, momentum_hidden_dim=8)
+    cfg = dataclasses.replace(tiny_cfg, optimizer=dataclasses.replace(
+        tiny_cfg.optimizer, type="nested", nested_optimizer=nested))
+    trainer = make_trainer(cfg, tiny_prepared, steps=4, eval_every=4, ckpt_every=4)
+    trainer.fit()
+    assert trainer.optimizer.last_meta_loss is not None  # type: ignore[attr-defined]

@@ -133,10 +133,42 @@ class ModelConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    """Outer-loop optimizer and learning-rate schedule."""
+class NestedOptimizerConfig:
+    """The port guide's `nested_optimizer:` block (used when `optimizer.type: nested`)."""
 
-    type: Literal["adamw"] = "adamw"
+    meta_lr: float = 1e-4
+    k_unroll: int = 5
+    cms_frequencies: list[int] = field(default_factory=lambda: [1, 10, 100])
+    momentum_hidden_dim: int = 64
+    controller_hidden_dim: int = 32
+    use_gradient_checkpointing: bool = True
+    mode: Literal["simple", "explicit"] = "simple"
+    meta_update_freq: int = 100
+    weight_decay: float = 0.0
+
+    def check(self, where: str) -> None:
+        if not 0.0 < self.meta_lr < 1.0:
+            raise ConfigError(f"{where}.meta_lr", self.meta_lr, "a number in (0, 1)")
+        for name in ("k_unroll", "momentum_hidden_dim", "controller_hidden_dim", "meta_update_freq"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")
+        if not self.cms_frequencies or any(f < 1 for f in self.cms_frequencies):
+            raise ConfigError(f"{where}.cms_frequencies", self.cms_frequencies,
+                              "a non-empty list of integers >= 1")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    """Outer-loop optimizer and learning-rate schedule.
+
+    `adamw` is the baseline; `delta_momentum`, `dmgd` and `m3` are the Nested Learning paper's
+    optimizers; `nested` is the port guide's DeepNestedOptimizer, whose learned controller owns
+    the learning rate (the schedule below is then skipped).
+    """
+
+    type: Literal["adamw", "nested", "dmgd", "delta_momentum", "m3"] = "adamw"
     lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -144,6 +176,11 @@ class OptimizerConfig:
     warmup_steps: int = 20
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    momentum: float = 0.9  # delta_momentum and dmgd
+    matrix_lr: float | None = None  # dmgd/m3: lr of the orthogonalised hidden matrices (default lr)
+    m3_frequency: int = 100  # m3: steps between slow-momentum updates
+    m3_alpha: float = 1.0  # m3: weight of the slow momentum
+    nested_optimizer: NestedOptimizerConfig = field(default_factory=NestedOptimizerConfig)
 
     def check(self, where: str) -> None:
         if not 0.0 < self.lr < 1.0:
@@ -156,6 +193,15 @@ class OptimizerConfig:
             raise ConfigError(f"{where}.warmup_steps", self.warmup_steps, "an integer >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"{where}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{where}.momentum", self.momentum, "a number in [0, 1)")
+        if self.matrix_lr is not None and not 0.0 < self.matrix_lr < 1.0:
+            raise ConfigError(f"{where}.matrix_lr", self.matrix_lr, "a number in (0, 1) or null")
+        if self.m3_frequency < 1:
+            raise ConfigError(f"{where}.m3_frequency", self.m3_frequency, "an integer >= 1")
+        if self.m3_alpha < 0:
+            raise ConfigError(f"{where}.m3_alpha", self.m3_alpha, "a number >= 0")
+        self.nested_optimizer.check(f"{where}.nested_optimizer")
 
 
 @dataclass

@@ -42,7 +42,8 @@ class DeepMomentumGD(torch.optim.Optimizer):
 
     Params of fewer than two dimensions cannot be orthogonalised: with
     ``nonlinearity="newton_schulz"`` they take an AdamW step (``adam_betas``, ``adam_eps``, the
-    group's lr), as Muon does. NS-scale lrs (~0.02) are far too large for AdamW: give 1-D params
+    group's lr), as Muon does; so does every param of a group with ``adamw_fallback=True``
+    (embeddings, say). NS-scale lrs (~0.02) are far too large for AdamW: give 1-D params
     their own param group (``factory.param_groups`` already splits them) with an Adam-scale lr.
 
     Args:
@@ -122,7 +123,7 @@ class DeepMomentumGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if use_ns and p.dim() < 2:
+                if group.get("adamw_fallback", False) or (use_ns and p.dim() < 2):
                     adamw_fallback_step(p, p.grad, state, group)
                     continue
                 if not state:

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
 from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
-from nestlearn.optim import build_optimizer, build_scheduler
+from nestlearn.optim import DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from nestlearn.train.metrics import make_sinks
 from nestlearn.train.progress import Progress
@@ -74,6 +75,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
         self.loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
+        # Meta-batches of the explicit-mode nested optimizer: training windows, own stream.
+        self.meta_loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len,
+                                       cfg.seed + 1)
         self.state = TrainState()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.losses: list[float] = []  # per-step training loss of this process, for tests/reports
@@ -96,6 +100,7 @@ class Trainer:
         known = {k: v for k, v in saved.get("train", {}).items() if k in TrainState.__annotations__}
         self.state = TrainState(**known)
         self.loader.load_state_dict(saved["data"])
+        self.meta_loader.load_state_dict(saved["meta_data"])
         self.log(f"resumed from {path} at step {self.state.step}")
         return True
 
@@ -114,25 +119,74 @@ class Trainer:
             total += float(loss.detach())
         loss_value = total / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        # DeepNestedOptimizer clips inside its own step; measure the norm without clipping.
+        nested = isinstance(self.optimizer, DeepNestedOptimizer)
+        max_norm = math.inf if nested or cfg.grad_clip == 0 else cfg.grad_clip
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self._skip_update()
+        else:
+            self.state.bad_steps = 0
+            if isinstance(self.optimizer, DeepNestedOptimizer):
+                self.optimizer.step(loss_value)
+                self._maybe_meta_update()
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.state.bad_steps += 1
-            if self.state.bad_steps >= cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{self.state.bad_steps} consecutive non-finite losses at step "
-                    f"{self.state.step + 1}; lower optimizer.lr or enable train.grad_clip")
-            self.log(f"warning: non-finite loss at step {self.state.step + 1}; update skipped")
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return loss_value, grad_norm
+
+    def _skip_update(self) -> None:
+        """NaN guard: drop this step's gradients; fail after max_bad_steps in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.bad_steps += 1
+        if self.state.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.state.bad_steps} consecutive non-finite losses at step "
+                f"{self.state.step + 1}; lower optimizer.lr or enable train.grad_clip")
+        self.log(f"warning: non-finite loss at step {self.state.step + 1}; update skipped")
+        if self.scheduler is not None:
             with warnings.catch_warnings():  # the schedule advances even for a skipped update
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
-        else:
-            self.state.bad_steps = 0
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-        return loss_value, grad_norm
+
+    def _maybe_meta_update(self) -> None:
+        """Explicit-mode DeepNestedOptimizer: a meta-step every meta_update_freq steps.
+
+        The meta-batch comes from its own stream of training windows (never validation data),
+        so the reported validation figures stay held out.
+        """
+        opt = self.optimizer
+        assert isinstance(opt, DeepNestedOptimizer)
+        n = self.cfg.optimizer.nested_optimizer
+        if n.mode != "explicit" or opt.global_step % n.meta_update_freq:
+            return
+        x, y = self.meta_loader.next_batch()
+        batch = (x.to(self.device), y.to(self.device))
+        # The unroll differentiates through gradients: only the math attention kernel has the
+        # double backward that needs.
+        with sdpa_kernel([SDPBackend.MATH]):
+            opt.meta_update(batch, loss_fn=lambda out, target: lm_loss(out[0], target))
+
+    def _lr(self) -> float:
+        if isinstance(self.optimizer, DeepNestedOptimizer):
+            return self.optimizer.get_effective_lrs()[0]
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _optimizer_metrics(self) -> dict[str, float]:
+        """The port guide's `nested/*` metrics, when the nested optimizer is in use."""
+        opt = self.optimizer
+        if not isinstance(opt, DeepNestedOptimizer):
+            return {}
+        mults = opt.get_lr_multipliers()
+        return {
+            "nested/lr_multiplier_core": mults[0],
+            "nested/lr_multiplier_memory": mults[1] if len(mults) > 1 else 0.0,
+            "nested/meta_loss": float(opt.last_meta_loss or 0.0),
+            "nested/controller_grad_norm": float(opt.controller_grad_norm),
+            "nested/momentum_avg_norm": opt.get_momentum_stats().get("momentum_avg_norm", 0.0),
+        }
 
     # -- evaluation and checkpoints ---------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -143,7 +197,8 @@ class Trainer:
         return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
 
     def _checkpoint(self) -> None:
-        trainer_state = {"train": self.state.__dict__, "data": self.loader.state_dict()}
+        trainer_state = {"train": self.state.__dict__, "data": self.loader.state_dict(),
+                         "meta_data": self.meta_loader.state_dict()}
         save_checkpoint(self.ckpt_root, self.state.step, model=self.model,
                         optimizer=self.optimizer, scheduler=self.scheduler,
                         trainer_state=trainer_state, config=self.config_dict,
@@ -177,14 +232,15 @@ class Trainer:
                 self.state.train_time_s += now - tick
                 tick = now
                 step = self.state.step
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self._lr()
                 tps = self.state.tokens / max(self.state.train_time_s, 1e-9)
                 progress.update(step, loss=loss, lr=lr, tokens_per_s=tps)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     self.sinks.log({"step": step, "split": "train", "loss": loss,
                                     "loss_avg": sum(window) / len(window), "lr": lr,
                                     "grad_norm": grad_norm, "tokens": self.state.tokens,
-                                    "tokens_per_s": tps, "time": self.state.train_time_s})
+                                    "tokens_per_s": tps, "time": self.state.train_time_s,
+                                    **self._optimizer_metrics()})
                     window.clear()
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val = self._log_val()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import typing
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,8 @@ def seed_everything(seed: int) -> None:
 def capture_rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain numbers only (loadable with `weights_only=True`)."""
     py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = typing.cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
                    "gauss": py_gauss},
