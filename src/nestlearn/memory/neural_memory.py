@@ -133,7 +133,9 @@ class NeuralMemory(nn.Module):
         """x ``(B, T, D)`` -> queries ``(B, H, T, d)``, the writes, and the new conv cache."""
         c = self.config
         qkv = self.to_qkv(x)
-        if self.conv_weight is not None and conv_cache is not None:
+        if self.conv_weight is not None:
+            if conv_cache is None:
+                raise ValueError("this memory has convolutions but the state has no conv_cache")
             padded = torch.cat([conv_cache, qkv], dim=1)
             conv_cache = padded[:, padded.shape[1] - (c.conv_kernel - 1):]
             qkv = F.conv1d(padded.transpose(1, 2), self.conv_weight, groups=qkv.shape[-1]).transpose(1, 2)
