@@ -81,9 +81,10 @@ def test_text_directory_reader_keeps_bytes_and_skips_binary_and_hidden(tmp_path:
     write(tmp_path / "d" / ".git" / "config", "hidden")
     write(tmp_path / "d" / "blob.bin", b"\x00\x01\x02binary")
     docs, skipped = collect(str(tmp_path / "d"))
-    assert [d.doc_id for d in docs] == ["b.txt", "sub/a.md"]
-    assert docs[0].text == "line one\r\nline two\n"
-    assert docs[1].text == "# title\n\n\tindented ünïcode\n"
+    texts = {d.doc_id: d.text for d in docs}
+    assert sorted(texts) == ["b.txt", "sub/a.md"]
+    assert texts["b.txt"] == "line one\r\nline two\n"
+    assert texts["sub/a.md"] == "# title\n\n\tindented ünïcode\n"
     assert skipped == Counter({"binary": 1})
 
 
@@ -92,7 +93,7 @@ def test_glob_and_single_file_sources(tmp_path: Path) -> None:
     write(tmp_path / "g" / "y" / "two.txt", "two")
     write(tmp_path / "g" / "y" / "skip.md", "skip")
     docs, _ = collect(str(tmp_path / "g" / "**" / "*.txt"))
-    assert [(d.doc_id, d.text) for d in docs] == [("x/one.txt", "one"), ("y/two.txt", "two")]
+    assert sorted((d.doc_id, d.text) for d in docs) == [("x/one.txt", "one"), ("y/two.txt", "two")]
     single, _ = collect(str(tmp_path / "g" / "x" / "one.txt"))
     assert [(d.doc_id, d.text) for d in single] == [("one.txt", "one")]
 
@@ -160,3 +161,16 @@ def test_hf_source_without_datasets_is_a_clear_error() -> None:
 def test_source_names_are_stable_and_unique() -> None:
     assert unique_names(["stdlib", "data/a.jsonl", "data/a.jsonl"]) == [
         "stdlib", "data-a.jsonl-1", "data-a.jsonl-2"]
+
+
+def test_capped_default_corpus_is_spread_over_the_library(tmp_path: Path) -> None:
+    """Read order is a fixed shuffle, so a cap samples the whole stdlib, not its first dirs."""
+    from itertools import islice
+
+    from nestlearn.data.corpus import open_source
+
+    first = [d.doc_id for d in islice(open_source("stdlib").documents(), 60)]
+    assert first == [d.doc_id for d in islice(open_source("stdlib").documents(), 60)]
+    top_dirs = {doc_id.split("/")[0] for doc_id in first}
+    initials = {doc_id.lstrip("_")[0] for doc_id in first}
+    assert len(top_dirs) > 10 and len(initials) > 8

@@ -40,12 +40,12 @@ def test_tiny_model_learns_below_unigram_entropy(tiny_cfg: RunConfig, tiny_prepa
     run_dir, final = pipeline.train(tiny_cfg, tiny_prepared, resume=None, log=QUIET)
     entropy = tiny_prepared.stats["unigram_entropy_nats"]
     assert final["step"] == tiny_cfg.train.steps
-    assert final["val_loss"] < entropy - 0.25, (final["val_loss"], entropy)
+    assert final["val_loss"] < entropy - 0.4, (final["val_loss"], entropy)
     records = read_jsonl(run_dir / "metrics.jsonl")
     train = [r["loss"] for r in records if r["split"] == "train"]
     assert train[-1] < train[0]
-    assert [r["step"] for r in records if r["split"] == "val"] == [30, 60]
-    assert (run_dir / "checkpoints" / "step_000060" / "model.safetensors").is_file()
+    assert [r["step"] for r in records if r["split"] == "val"] == [100, 200]
+    assert (run_dir / "checkpoints" / "step_000200" / "model.safetensors").is_file()
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tiny_cfg: RunConfig,

@@ -71,12 +71,17 @@ class Source:
         return {"spec": self.spec, "root": str(self.root), "files": listing}
 
     def documents(self, on_skip: SkipHook | None = None) -> Iterator[Document]:
-        """Documents in a deterministic order; skipped items go to `on_skip(doc_id, reason)`."""
+        """Documents in a deterministic order; skipped items go to `on_skip(doc_id, reason)`.
+
+        Files are read in the order of a hash of their relative path, a fixed shuffle: a
+        capped corpus (`max_docs`, `max_chars_per_source`) is then a representative sample
+        of the whole, not its alphabetically first directories.
+        """
         skip = on_skip or _ignore
         if self.kind == "hf":
             yield from self._hf_documents(skip)
             return
-        for path in self.files:
+        for path in sorted(self.files, key=lambda p: hashlib.sha256(self._rel(p).encode()).digest()):
             rel = self._rel(path)
             if path.suffix == ".jsonl":
                 yield from self._jsonl_documents(path, rel, skip)

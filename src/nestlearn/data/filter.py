@@ -171,7 +171,7 @@ def filtered_documents(source: Source, cfg: DataConfig,
     """Kept documents of `source` with their split, counting every decision in `stats`.
 
     With caps, reading stops once the training share is full and val holds at least one
-    document, so both splits come from the same leading part of the source (in sorted order).
+    document, so both splits come from the same leading part of the source (in its read order).
     A document whose split is already full is not counted as seen.
     """
     doc_filter = DocumentFilter(cfg.filter)
