@@ -101,6 +101,53 @@ class DataConfig:
 
 
 @dataclass
+class TitansConfig:
+    """The `model.titans:` block of the Titans models (`titans_mac`, `titans_mag`, `titans_mal`,
+    `titans_lmm`; Behrouz et al. 2025). Other model types ignore it.
+
+    `memory_*`: the neural long-term memory of every layer (§3.1-§3.2, `NeuralMemoryConfig`):
+    `memory_heads` x `memory_head_dim` is its inner width (independent of the attention's
+    `n_heads`), `memory_depth`/`memory_expansion` its MLP, `memory_chunk_size` the tokens whose
+    gradients share one chunk-start state (Eq. 16), `memory_momentum`/`memory_forgetting` switch
+    η/α of Eq. 13, `memory_max_lr` bounds θ, `memory_conv_kernel` the q/k/v convolution (0: off),
+    `memory_grad_clip` each token's surprise norm (null: off). `segment_size`: MAC's segment
+    length C (§4.1). `window`: the sliding attention window of MAG and MAL (§4.2-§4.3), the token
+    itself included. `n_persistent`: learned persistent memory tokens per attention layer (§3.3).
+    """
+
+    memory_heads: int = 4
+    memory_head_dim: int = 32
+    memory_depth: int = 2
+    memory_expansion: float = 2.0
+    memory_chunk_size: int = 16
+    memory_momentum: bool = True
+    memory_forgetting: bool = True
+    memory_max_lr: float = 0.1
+    memory_conv_kernel: int = 4
+    memory_grad_clip: float | None = None
+    segment_size: int = 64
+    window: int = 64
+    n_persistent: int = 4
+
+    def check(self, where: str) -> None:
+        for name in ("memory_heads", "memory_head_dim", "memory_depth", "memory_chunk_size",
+                     "segment_size", "window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")
+        if self.memory_depth >= 2 and round(self.memory_expansion * self.memory_head_dim) < 1:
+            raise ConfigError(f"{where}.memory_expansion", self.memory_expansion,
+                              "a number giving a hidden width round(expansion * head_dim) >= 1")
+        if not 0.0 < self.memory_max_lr <= 10.0:
+            raise ConfigError(f"{where}.memory_max_lr", self.memory_max_lr, "a number in (0, 10]")
+        if self.memory_conv_kernel < 0:
+            raise ConfigError(f"{where}.memory_conv_kernel", self.memory_conv_kernel, "an integer >= 0")
+        if self.memory_grad_clip is not None and self.memory_grad_clip <= 0:
+            raise ConfigError(f"{where}.memory_grad_clip", self.memory_grad_clip, "a number > 0 or null")
+        if self.n_persistent < 0:
+            raise ConfigError(f"{where}.n_persistent", self.n_persistent, "an integer >= 0")
+
+
+@dataclass
 class ModelConfig:
     """Architecture; `type` picks the registry entry (see `nestlearn.models.available()`)."""
 
@@ -115,6 +162,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = True
+    titans: TitansConfig = field(default_factory=TitansConfig)
 
     def check(self, where: str) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -130,6 +178,7 @@ class ModelConfig:
             raise ConfigError(f"{where}.mlp_hidden", self.mlp_hidden, "an integer >= 1 or null")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ConfigError(f"{where}.vocab_size", self.vocab_size, "an integer >= 2 or null")
+        self.titans.check(f"{where}.titans")
 
 
 @dataclass
@@ -165,10 +214,11 @@ class OptimizerConfig:
 
     `adamw` is the baseline; `delta_momentum`, `dmgd` and `m3` are the Nested Learning paper's
     optimizers; `nested` is the port guide's DeepNestedOptimizer, whose learned controller owns
-    the learning rate (the schedule below is then skipped).
+    the learning rate (the schedule below is then skipped); `chunked` is AdamW on level clocks
+    for models that declare CMS levels (each level steps once per its chunk of steps).
     """
 
-    type: Literal["adamw", "nested", "dmgd", "delta_momentum", "m3"] = "adamw"
+    type: Literal["adamw", "nested", "dmgd", "delta_momentum", "m3", "chunked"] = "adamw"
     lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

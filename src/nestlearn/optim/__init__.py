@@ -4,6 +4,7 @@ Everything here depends only on torch: plug any of it into your own training loo
 it with `optimizer.type` in a run config.
 """
 
+from nestlearn.optim.chunked import ChunkedAdamW, chunked_groups
 from nestlearn.optim.controller import NestedController
 from nestlearn.optim.deep_nested import (
     ContinuumMemoryState,
@@ -34,6 +35,7 @@ from nestlearn.optim.surprise import SurpriseLossComputer
 
 __all__ = [
     "M3",
+    "ChunkedAdamW",
     "ChunkedUpdateScheduler",
     "ContinuumMemoryState",
     "DeepMomentumGD",
@@ -49,6 +51,7 @@ __all__ = [
     "UnrolledMetaTrainer",
     "build_optimizer",
     "build_scheduler",
+    "chunked_groups",
     "create_meta_trainer",
     "dgd_proximal_update",
     "dgd_update",

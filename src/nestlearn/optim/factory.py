@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from nestlearn.config.schema import OptimizerConfig
+from nestlearn.optim.chunked import ChunkedAdamW, chunked_groups
 from nestlearn.optim.deep_nested import DeepNestedOptimizer
 from nestlearn.optim.dmgd import DeepMomentumGD
 from nestlearn.optim.m3 import M3
@@ -88,8 +89,16 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
             controller_hidden_dim=n.controller_hidden_dim,
             use_gradient_checkpointing=n.use_gradient_checkpointing, mode=n.mode,
             meta_update_freq=n.meta_update_freq, weight_decay=n.weight_decay)
+    if cfg.type == "chunked":
+        sizes = getattr(model, "level_chunk_sizes", None)
+        if sizes is None:
+            raise ValueError(f"optimizer.type=chunked needs a model that declares CMS levels "
+                             f"(level_chunk_sizes()); {type(model).__name__} declares none: use "
+                             f"a CMS model such as hope_attention")
+        return ChunkedAdamW(chunked_groups(model, sizes(), cfg.lr, cfg.weight_decay),
+                            betas=betas, eps=cfg.eps)
     raise ValueError(f"optimizer.type={cfg.type!r} is not known; expected one of adamw, nested, "
-                     "dmgd, delta_momentum, m3")
+                     "dmgd, delta_momentum, m3, chunked")
 
 
 def owns_learning_rate(optimizer: torch.optim.Optimizer) -> bool:

@@ -23,7 +23,7 @@ from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
 from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
-from nestlearn.optim import DeepNestedOptimizer, build_optimizer, build_scheduler
+from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from nestlearn.train.metrics import make_sinks
 from nestlearn.train.progress import Progress
@@ -118,7 +118,10 @@ class Trainer:
             torch.autograd.backward(loss / cfg.grad_accum)
             total += float(loss.detach())
         loss_value = total / cfg.grad_accum
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        # On level clocks only the levels that fire now are clipped (their accumulated chunk).
+        owned = (self.optimizer.firing_parameters() if isinstance(self.optimizer, ChunkedAdamW)
+                 else self.model.parameters())
+        params = [p for p in owned if p.grad is not None]
         # DeepNestedOptimizer clips inside its own step; measure the norm without clipping.
         nested = isinstance(self.optimizer, DeepNestedOptimizer)
         max_norm = math.inf if nested or cfg.grad_clip == 0 else cfg.grad_clip
@@ -138,8 +141,9 @@ class Trainer:
         return loss_value, grad_norm
 
     def _skip_update(self) -> None:
-        """NaN guard: drop this step's gradients; fail after max_bad_steps in a row."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """NaN guard: drop every gradient (a poisoned sum is useless); fail after max_bad_steps."""
+        for p in self.model.parameters():
+            p.grad = None
         self.state.bad_steps += 1
         if self.state.bad_steps >= self.cfg.train.max_bad_steps:
             raise TrainingDiverged(
