@@ -100,6 +100,10 @@ class Trainer:
         known = {k: v for k, v in saved.get("train", {}).items() if k in TrainState.__annotations__}
         self.state = TrainState(**known)
         self.loader.load_state_dict(saved["data"])
+        pending = saved.get("extra", {}).get("pending_grads", {})
+        for name, p in self.model.named_parameters():
+            if name in pending:
+                p.grad = pending[name].to(p.device)
         self.meta_loader.load_state_dict(saved["meta_data"])
         self.log(f"resumed from {path} at step {self.state.step}")
         return True
@@ -203,10 +207,14 @@ class Trainer:
     def _checkpoint(self) -> None:
         trainer_state = {"train": self.state.__dict__, "data": self.loader.state_dict(),
                          "meta_data": self.meta_loader.state_dict()}
+        # Slow levels on level clocks hold a half-accumulated chunk in .grad: keep it.
+        pending = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()
+                   if p.grad is not None}
         save_checkpoint(self.ckpt_root, self.state.step, model=self.model,
                         optimizer=self.optimizer, scheduler=self.scheduler,
                         trainer_state=trainer_state, config=self.config_dict,
-                        keep=self.cfg.train.keep_checkpoints)
+                        keep=self.cfg.train.keep_checkpoints,
+                        extra_tensors={"pending_grads": pending} if pending else None)
 
     def _log_val(self) -> dict[str, float]:
         val = self.evaluate()
