@@ -29,7 +29,12 @@ def test_shipped_configs_load_and_validate() -> None:
 
 
 def test_short_name_finds_nested_config() -> None:
-    assert load_config("pilot_smoke").name == load_config("transformer/pilot_smoke").name
+    assert load_config("stdlib") == load_config("data/stdlib")
+
+
+def test_ambiguous_short_name_lists_the_candidates() -> None:
+    with pytest.raises(ConfigError, match=r"ambiguous: .*transformer/pilot_smoke"):
+        load_config("pilot_smoke")
 
 
 def test_overrides_parse_scalars_and_lists() -> None:

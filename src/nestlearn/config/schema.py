@@ -148,6 +148,54 @@ class TitansConfig:
 
 
 @dataclass
+class CMSConfig:
+    """The `model.cms:` block: the Continuum Memory System of the Hope models (`hope_attention`,
+    `hope_attn_titans`; Nested Learning §7). Other model types ignore it.
+
+    `chunk_sizes`: C^(l) of each level, in forward order (level l updates once every C^(l)
+    training steps under the level clocks, and every C^(l) tokens in context); `[1]` is a plain
+    Transformer MLP. `hidden`: SwiGLU width of every level (null: `mlp_hidden`, else ~8/3
+    d_model). `form`: how levels connect and learn their initial states (nested, sequential,
+    independent: Eqs. 72-74). `in_context`: levels keep learning at test time from the
+    next-token loss of the tokens seen (every chunk size must then be >= 2 and a multiple of the
+    smallest; nested also needs each to divide the next larger). `lr`: the in-context learning
+    rates η^(l), one for all levels or one per level.
+    """
+
+    chunk_sizes: list[int] = field(default_factory=lambda: [1])
+    hidden: int | None = None
+    form: Literal["nested", "sequential", "independent"] = "sequential"
+    in_context: bool = False
+    lr: list[float] = field(default_factory=lambda: [0.01])
+
+    def level_lrs(self) -> list[float]:
+        """η^(l) for every level."""
+        return list(self.lr) * len(self.chunk_sizes) if len(self.lr) == 1 else list(self.lr)
+
+    def check(self, where: str) -> None:
+        sizes = self.chunk_sizes
+        if not sizes or any(c < 1 for c in sizes):
+            raise ConfigError(f"{where}.chunk_sizes", sizes, "a non-empty list of integers >= 1")
+        if self.hidden is not None and self.hidden < 1:
+            raise ConfigError(f"{where}.hidden", self.hidden, "an integer >= 1 or null")
+        if len(self.lr) not in (1, len(sizes)) or any(lr < 0 for lr in self.lr):
+            raise ConfigError(f"{where}.lr", self.lr,
+                              f"one number >= 0, or {len(sizes)} (one per level)")
+        if self.form == "nested" and len(set(sizes)) != len(sizes):
+            raise ConfigError(f"{where}.chunk_sizes", sizes, "distinct chunk sizes (nested form)")
+        if not self.in_context:
+            return
+        smallest = min(sizes)
+        if smallest < 2 or any(c % smallest for c in sizes):
+            raise ConfigError(f"{where}.chunk_sizes", sizes, "chunk sizes >= 2, multiples of the "
+                              "smallest (in_context: each chunk learns from its own next tokens)")
+        ordered = sorted(set(sizes))
+        if self.form == "nested" and any(ordered[i + 1] % ordered[i] for i in range(len(ordered) - 1)):
+            raise ConfigError(f"{where}.chunk_sizes", sizes,
+                              "chunk sizes that each divide the next larger (nested in_context)")
+
+
+@dataclass
 class ModelConfig:
     """Architecture; `type` picks the registry entry (see `nestlearn.models.available()`)."""
 
@@ -163,6 +211,7 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     titans: TitansConfig = field(default_factory=TitansConfig)
+    cms: CMSConfig = field(default_factory=CMSConfig)
 
     def check(self, where: str) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -179,6 +228,7 @@ class ModelConfig:
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ConfigError(f"{where}.vocab_size", self.vocab_size, "an integer >= 2 or null")
         self.titans.check(f"{where}.titans")
+        self.cms.check(f"{where}.cms")
 
 
 @dataclass
