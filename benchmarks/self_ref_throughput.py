@@ -1,0 +1,111 @@
+"""Throughput of self-referential Titans (``nestlearn.memory.SelfRefTitans``): the chunk-wise fast
+path vs the per-token reference, forward + backward through the in-context updates.
+
+    python benchmarks/self_ref_throughput.py                # dim 256, 4x64 heads, chunk 64, B 2, T 2048
+    python benchmarks/self_ref_throughput.py --threads 2    # both cores
+
+Rows time forward + backward (mean of squares as the loss, gradients into every outer
+parameter and the input) on random inputs, best of ``--repeats`` after one warm-up. The
+reference is timed on ``--ref-len`` tokens (it is linear in length) with the same chunk sizes.
+Ablation rows (momentum off, DGD off, both) use the fast path. The machine is shared, so the
+JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nestlearn.memory.self_ref import SelfRefTitans, SelfRefTitansConfig
+from nestlearn.memory.self_ref_reference import reference_self_ref
+from nestlearn.utils.io import atomic_write_json
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--expansion", type=float, default=1.0)
+    p.add_argument("--chunk", type=int, default=64, help="memory chunk size")
+    p.add_argument("--other-chunk", type=int, help="chunk size of M_k, M_v, M_eta, M_alpha (default --chunk)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--ref-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/self_ref_throughput.json")
+    return p.parse_args(argv)
+
+
+def time_train(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
+    """Best wall time of forward + backward over ``repeats`` runs after one warm-up."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        torch.autograd.backward(fn(x).square().mean())
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_layer(layer: SelfRefTitans) -> Callable[[Tensor], Tensor]:
+    return lambda z: layer(z)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = SelfRefTitansConfig(d_model=args.dim, heads=args.heads, head_dim=args.dim // args.heads,
+                               depth=args.depth, expansion=args.expansion, memory_chunk_size=args.chunk,
+                               other_chunk_size=args.other_chunk or args.chunk)
+    layer = SelfRefTitans(base)
+    x = torch.randn(args.batch, args.seq_len, args.dim, requires_grad=True)
+    x_ref = x[:, :args.ref_len].detach().requires_grad_()
+
+    cases: list[tuple[str, Callable[[Tensor], Tensor], Tensor, int]] = [
+        ("fast", run_layer(layer), x, args.repeats),
+        ("reference", lambda z: reference_self_ref(layer, z), x_ref, 1),
+    ]
+    if not args.no_ablations:
+        for name, momentum, dgd in (("fast_no_momentum", False, True), ("fast_no_dgd", True, False),
+                                    ("fast_no_momentum_no_dgd", False, False)):
+            ablated = SelfRefTitans(replace(base, momentum=momentum, dgd=dgd))
+            cases.append((name, run_layer(ablated), x, args.repeats))
+    rows: list[dict[str, Any]] = []
+    for name, fn, inp, reps in cases:
+        seconds = time_train(fn, inp, reps)
+        rows.append({"path": name, "tokens": inp.shape[0] * inp.shape[1], "seconds": seconds,
+                     "tokens_per_s": inp.shape[0] * inp.shape[1] / seconds})
+        print(f"  {name:24s} {rows[-1]['tokens_per_s']:10.0f} tok/s", file=sys.stderr)
+    speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+
+    print(f"\nSelf-referential Titans, dim {args.dim}, {args.heads} heads, depth {args.depth}, expansion "
+          f"{args.expansion}, chunks {base.memory_chunk_size}/{base.other_chunk_size} (memory/other), "
+          f"batch {args.batch}, T {args.seq_len}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'path (fwd+bwd)':26s} {'tokens':>8s} {'seconds':>9s} {'tok/s':>10s}")
+    for r in rows:
+        print(f"{r['path']:26s} {r['tokens']:8d} {r['seconds']:9.3f} {r['tokens_per_s']:10.0f}")
+    print(f"speed-up fast / reference: {speedup:.1f}x")
+    atomic_write_json(args.out, {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "torch": torch.__version__, "load_average": os.getloadavg(),
+        "train": rows, "speedup_vs_reference": speedup,
+    })
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""Self-referential (self-modifying) Titans, the sequence layer of Hope (Nested Learning §8.1-§8.3).
+
+Per token t, with M_□ (□ ∈ {k, v, η, α, memory}) small residual MLPs M(x) = x + W₂ σ(W₁ x)
+(Eq. 89/91; ``MemoryMLPSpec(residual=True)``), whose initial weights are meta-learned
+``nn.Parameter`` s, the paper's recurrence (Eq. 83-88) is
+
+    k_t = M_k,t-1(x_t)   v_t = M_v,t-1(x_t)   η_t = M_η,t-1(x_t)   α_t = M_α,t-1(x_t)
+    q_t = x_t W_q                                   (the one static projection)
+    o_t = M_memory,t-1(q_t)                         (read *before* token t's write)
+    v̂_□,t = M_□,t-1(v_t)                            (each memory generates its own target)
+    M_□,t = M_□,t-1 (α_t I - η_t k_t k_tᵀ) - η_t ∇ℓ(M_□,t-1; k_t, v̂_□,t),   ℓ = ||M(k) - v̂||²
+
+with q and k L2-normalised and a causal depthwise convolution (window 4) on the inputs
+(§8.3). Implementation choices where the paper leaves room (see also the report):
+
+* **Deep memories, layer by layer (DGD, Eq. 56-57).** Every linear layer W^(l) of a memory is
+  a DGD learner of its own input z^(l) (z^(1) = k_t, z^(2) = σ(W^(1) k_t)): its gradient is
+  δ^(l) ⊗ z^(l) (``mlp.l2_loss_grads``) and its decay is (α_t I - η_t z^(l) z^(l)ᵀ).
+* **Momentum** (on by default, ``momentum=False`` is the paper's ablation): a learned per
+  memory and head β ∈ (0, 1) with S_t = β S_{t-1} - η_t δ_t ⊗ z_t and
+  W_t = W_{t-1}(α_t I - η_t z_t z_tᵀ) + S_t; with β = 0 this is exactly the equation above.
+  ``dgd=False`` (ablation) replaces the DGD decay by the plain retention α_t W_{t-1}.
+* **Scalar η_t, α_t.** M_η and M_α map x_t ∈ R^d to R^d like the others; the per-head scalars
+  are η_t = η_max σ(⟨w_η, M_η(x_t)⟩ + b_η) > 0 and α_t = σ(⟨w_α, M_α(x_t)⟩ + b_α) ∈ (0, 1)
+  with learned w, b. The inner gradient treats v̂ as a fixed target (it is "the value").
+* **Heads.** x_t (after the convolution) is split into ``heads`` slices of ``head_dim``; each
+  head has its own five memories; ``to_out`` projects the concatenated o_t back.
+
+**Chunk-wise form (§8.2, Eq. 90).** With chunk size C and t' the start of t's chunk,
+``t-1`` becomes ``t'`` everywhere *except* in the decay: k_t, v_t, η_t, α_t, v̂_□,t and o_t
+are generated from, and every ∇ℓ is taken at, the chunk-start memories M_□,t', while
+M_□,t = M_□,t-1 (α_t I - η_t k_t k_tᵀ) - η_t ∇ℓ(M_□,t'; …) still composes token by token.
+M_memory has its own chunk size (``memory_chunk_size``), the other four share
+``other_chunk_size``. With C = 1 it is the per-token recurrence above.
+
+Since outputs only read chunk-start memories, a chunk needs only its end state. Per layer,
+with z_i, δ_i the chunk-start inputs and gradients, γ_t = Π_{j<=t} α_j, p_t = W_{t-1} z_t
+(the DGD term), and b, c the momentum coefficients of ``chunked.ChunkCoefficients``
+(retention α, momentum decay β):
+
+    W_t = γ_t W_0 + b_t S_0 - Σ_{j<=t} c_{t,j} η_j δ_j z_jᵀ - Σ_{s<=t} (γ_t/γ_s) η_s p_s z_sᵀ,
+    p_t = γ_{t-1} W_0 z_t + b_{t-1} S_0 z_t - Σ_{j<t} c_{t-1,j} η_j (z_j·z_t) δ_j
+          - Σ_{s<t} (γ_{t-1}/γ_s) η_s (z_s·z_t) p_s,
+
+i.e. the within-chunk product of the (α_i I - η_i z_i z_iᵀ) is resolved *exactly* by one
+unit-lower-triangular C×C solve for P = [p_t] (proof: unroll W_t = α_t W_{t-1} - η_t p_t z_tᵀ
++ S_t and substitute S_s as in ``chunked``). Everything is differentiable torch, so the outer
+gradient flows through the in-context updates into W_q, the convolution, the readouts and the
+meta-learned initial memories.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nestlearn.memory.chunked import ChunkCoefficients, segment_sums
+from nestlearn.memory.mlp import (
+    Activation,
+    MemoryMLPSpec,
+    RankOneGrads,
+    l2_loss_grads,
+    linear,
+    mlp_forward,
+)
+from nestlearn.memory.state import MemoryWeights, Writes
+
+OTHER = ("k", "v", "eta", "alpha")
+"""Order of the four memories stacked on the "other" axis (dim -3 of their weights)."""
+
+# Initial readout biases: η ≈ η_max σ(-5) ≈ 0.0067 η_max (larger steps diverge at init, see
+# ``SelfRefTitansConfig``), α = σ(6) ≈ 0.9975, β = σ(0) = 0.5.
+ETA_BIAS_INIT = -5.0
+ALPHA_BIAS_INIT = 6.0
+
+
+@dataclass(frozen=True)
+class SelfRefTitansConfig:
+    """Options of ``SelfRefTitans``; each switches one term of the equations (module docstring).
+
+    ``d_model`` must equal ``heads * head_dim`` (each head reads its slice of x_t).
+    ``depth``/``expansion``/``activation``: every memory M_□ (residual, Eq. 91).
+    ``memory_chunk_size`` / ``other_chunk_size``: C of M_memory / of M_k, M_v, M_η, M_α.
+    ``momentum``: learned-β momentum inside every memory; ``dgd``: the (α I - η z zᵀ) decay
+    (``False``: plain retention α W). ``qk_norm``: L2-normalise q and k. ``conv_kernel``:
+    causal depthwise convolution of the inputs, 0 disables. ``eta_max``: bound of η_t.
+    ``init_scale``: initial memory weights are N(0, init_scale² / fan_in).
+    """
+
+    d_model: int
+    heads: int = 4
+    head_dim: int = 64
+    depth: int = 2
+    expansion: float = 1.0
+    activation: Activation = "silu"
+    memory_chunk_size: int = 64
+    other_chunk_size: int = 64
+    momentum: bool = True
+    dgd: bool = True
+    qk_norm: bool = True
+    v_norm: bool = False
+    conv_kernel: int = 4
+    eta_max: float = 0.5
+    init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "heads", "head_dim", "memory_chunk_size", "other_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.heads * self.head_dim != self.d_model:
+            raise ValueError(f"d_model ({self.d_model}) must equal heads * head_dim "
+                             f"({self.heads} * {self.head_dim})")
+        if self.conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be >= 0, got {self.conv_kernel}")
+        if self.eta_max <= 0:
+            raise ValueError(f"eta_max must be > 0, got {self.eta_max}")
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+        self.spec()  # validates depth, expansion, activation
+
+    def spec(self) -> MemoryMLPSpec:
+        return MemoryMLPSpec(self.head_dim, self.depth, self.expansion, self.activation, residual=True)
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Chunk-start weights W_0 of a group of memories (``(B, H[, 4], out, in)`` per layer) and
+    their momenta S_0 (``None`` without momentum)."""
+
+    weights: MemoryWeights
+    momentum: MemoryWeights | None
+
+    def detach(self) -> GroupState:
+        return GroupState(self.weights.detach(), None if self.momentum is None else self.momentum.detach())
+
+
+@dataclass(frozen=True)
+class SelfRefState:
+    """Everything ``SelfRefTitans`` carries between calls.
+
+    ``other``: chunk-start M_k, M_v, M_η, M_α (stacked on dim -3 in ``OTHER`` order);
+    ``other_buffer``: the per-head inputs x_t ``(B, H, p, d)`` of their current chunk.
+    ``memory``: chunk-start M_memory; ``memory_buffer``: the writes of its current chunk, with
+    ``Writes`` fields k_t, v_t, theta = η_t, log_eta = log β (``-inf`` without momentum),
+    log_keep = log α_t. ``conv_cache``: the last ``conv_kernel - 1`` inputs ``(B, K-1, D)``.
+    """
+
+    other: GroupState
+    other_buffer: Tensor
+    memory: GroupState
+    memory_buffer: Writes
+    conv_cache: Tensor | None
+
+    def detach(self) -> SelfRefState:
+        """Cut the autograd history (truncated backpropagation through time)."""
+        cache = None if self.conv_cache is None else self.conv_cache.detach()
+        return SelfRefState(self.other.detach(), self.other_buffer.detach(), self.memory.detach(),
+                            self.memory_buffer.detach(), cache)
+
+
+def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
+                     log_beta: Tensor | None, dgd: bool) -> GroupState:
+    """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
+    taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
+    against the weights' leading dims; ``log_beta`` is ignored without momentum."""
+    seg = segment_sums(log_alpha).exp()
+    gamma_prev, decay_prev = seg[..., :-1, 0], seg[..., :-1, 1:]  # γ_{t-1}, γ_{t-1}/γ_s (s < t)
+    gamma_n, decay_last = seg[..., -1, 0], seg[..., -1, 1:]  # γ_n, γ_n/γ_s
+    co: ChunkCoefficients | None = None
+    if state.momentum is None:
+        c_prev, c_last = decay_prev, decay_last
+    else:
+        if log_beta is None:
+            raise ValueError("a group with momentum needs log_beta")
+        co = ChunkCoefficients.build(log_beta, log_alpha)
+        c_prev = F.pad(co.c[..., :-1, :], (0, 0, 1, 0))  # c_{t-1,j}, zero row for t = 1
+        c_last = co.c[..., -1, :]
+    eta_cols = eta.unsqueeze(-2)
+    new_w: list[Tensor] = []
+    new_s: list[Tensor] = []
+    for layer, (w0, delta, z) in enumerate(zip(state.weights.layers, grads.deltas, grads.inputs,
+                                               strict=True)):
+        s0 = None if state.momentum is None or co is None else state.momentum.layers[layer]
+        out = w0.shape[-2]
+        rows = delta * (c_last * eta).unsqueeze(-1)
+        if dgd:
+            gram = z @ z.transpose(-1, -2)
+            read = linear(w0 if s0 is None else torch.cat([w0, s0], dim=-2), z)  # [W_0 z | S_0 z]
+            rhs = gamma_prev.unsqueeze(-1) * read[..., :out] - (c_prev * gram * eta_cols) @ delta
+            if s0 is not None and co is not None:
+                rhs = rhs + F.pad(co.b[..., :-1], (1, 0)).unsqueeze(-1) * read[..., out:]
+            p = torch.linalg.solve_triangular(decay_prev * gram * eta_cols, rhs, upper=False,
+                                              unitriangular=True)
+            rows = rows + p * (decay_last * eta).unsqueeze(-1)
+        if s0 is None or co is None:
+            new_w.append(gamma_n[..., None, None] * w0 - rows.transpose(-1, -2) @ z)
+            continue
+        step = delta * (co.momentum[..., -1, :] * eta).unsqueeze(-1)
+        both = torch.cat([rows, step], dim=-1).transpose(-1, -2) @ z  # one product for W and S
+        new_w.append(gamma_n[..., None, None] * w0 + co.b[..., -1, None, None] * s0 - both[..., :out, :])
+        new_s.append(co.E[..., -1, None, None] * s0 - both[..., out:, :])
+    momentum = None if state.momentum is None else MemoryWeights(tuple(new_s))
+    return GroupState(MemoryWeights(tuple(new_w)), momentum)
+
+
+S = TypeVar("S")
+ChunkStep = Callable[[S, int, int, int, bool], tuple[Tensor, S | None]]
+
+
+def chunk_scan(state: S, total: int, buffered: int, chunk_size: int, step: ChunkStep[S],
+               ) -> tuple[list[Tensor], S]:
+    """Drive ``step(state, start, first, end, complete)`` over the chunks of a stream of
+    ``total`` tokens whose first ``buffered`` belong to the unfinished current chunk (already
+    read). ``step`` returns the outputs of tokens ``first..end`` (the new ones) and, when the
+    chunk is ``complete``, the state after it."""
+    outs: list[Tensor] = []
+    for start in range(0, total, chunk_size):
+        end = min(start + chunk_size, total)
+        first = max(start, buffered)
+        complete = end - start == chunk_size
+        if first == end and not complete:
+            break
+        y, new_state = step(state, start, first, end, complete)
+        outs.append(y)
+        if new_state is not None:
+            state = new_state
+    return outs, state
+
+
+class SelfRefTitans(nn.Module):
+    """Self-referential Titans: ``forward(x (B, T, D), state) -> (y (B, T, D), state)``.
+
+    One call, chunked calls with the returned state, or one token at a time give the same
+    outputs and states (the state keeps chunk-start memories and partial-chunk buffers).
+    """
+
+    def __init__(self, config: SelfRefTitansConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, shapes = config, config.spec().shapes()
+        self.conv_weight = nn.Parameter(torch.empty(c.d_model, 1, c.conv_kernel)) if c.conv_kernel else None
+        self.to_q = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.other_init = nn.ParameterList(nn.Parameter(torch.empty(c.heads, len(OTHER), o, i))
+                                           for o, i in shapes)
+        self.memory_init = nn.ParameterList(nn.Parameter(torch.empty(c.heads, o, i)) for o, i in shapes)
+        self.readout_weight = nn.Parameter(torch.empty(2, c.heads, c.head_dim))  # w_η, w_α
+        self.readout_bias = nn.Parameter(torch.empty(2, c.heads))  # b_η, b_α
+        # logit of β per head for M_k, M_v, M_η, M_α, M_memory
+        self.momentum_logit = nn.Parameter(torch.zeros(c.heads, len(OTHER) + 1)) if c.momentum else None
+        self.to_out = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """Initialise what ``nn.Linear`` does not: memories, readouts, convolution (identity)."""
+        c = self.config
+        with torch.no_grad():
+            for w in (*self.other_init, *self.memory_init):
+                w.normal_(0.0, c.init_scale / math.sqrt(w.shape[-1]))
+            self.readout_weight.normal_(0.0, 1 / math.sqrt(c.head_dim))
+            self.readout_bias[0].fill_(ETA_BIAS_INIT)
+            self.readout_bias[1].fill_(ALPHA_BIAS_INIT)
+            if self.conv_weight is not None:
+                self.conv_weight.zero_()
+                self.conv_weight[..., -1] = 1.0
+            if self.momentum_logit is not None:
+                self.momentum_logit.zero_()
+
+    def initial_state(self, batch_size: int) -> SelfRefState:
+        """The meta-learned initial memories (shared across the batch), zero momenta, no buffers."""
+        c, ref = self.config, self.memory_init[0]
+
+        def group(params: nn.ParameterList) -> GroupState:
+            weights = MemoryWeights(tuple(w.expand(batch_size, *w.shape) for w in params))
+            return GroupState(weights, weights.map(torch.zeros_like) if c.momentum else None)
+
+        empty = ref.new_zeros(batch_size, c.heads, 0)
+        vectors = ref.new_zeros(batch_size, c.heads, 0, c.head_dim)
+        cache = ref.new_zeros(batch_size, c.conv_kernel - 1, c.d_model) if c.conv_kernel else None
+        return SelfRefState(group(self.other_init), vectors, group(self.memory_init),
+                            Writes(vectors, vectors, empty, empty, empty), cache)
+
+    def log_momentum(self) -> tuple[Tensor, Tensor] | None:
+        """log β of the other memories ``(H, 4)`` and of M_memory ``(H,)``; ``None`` if off."""
+        if self.momentum_logit is None:
+            return None
+        log_beta = F.logsigmoid(self.momentum_logit)
+        return log_beta[:, :len(OTHER)], log_beta[:, len(OTHER)]
+
+    def project(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x ``(B, T, D)`` -> per-head inputs x_t and queries q_t = x_t W_q, both ``(B, H, T, d)``,
+        and the new convolution cache."""
+        c = self.config
+        if self.conv_weight is not None:
+            if conv_cache is None:
+                raise ValueError("this layer has a convolution but the state has no conv_cache")
+            padded = torch.cat([conv_cache, x], dim=1)
+            conv_cache = padded[:, padded.shape[1] - (c.conv_kernel - 1):]
+            x = F.conv1d(padded.transpose(1, 2), self.conv_weight, groups=c.d_model).transpose(1, 2)
+        b, t = x.shape[:2]
+        q = self.to_q(x).view(b, t, c.heads, c.head_dim).transpose(1, 2)
+        if c.qk_norm:
+            q = F.normalize(q, dim=-1)
+        return x.view(b, t, c.heads, c.head_dim).transpose(1, 2), q, conv_cache
+
+    def token_writes(self, other_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Outputs ``(B, H, 4, n, d)`` of M_k, M_v, M_η, M_α on x_t -> k_t (normalised), v_t
+        ``(B, H, n, d)``, η_t and log α_t ``(B, H, n)``."""
+        k, v, eta_out, alpha_out = other_out.unbind(-3)
+        if self.config.qk_norm:
+            k = F.normalize(k, dim=-1)
+        if self.config.v_norm:
+            v = F.normalize(v, dim=-1)
+        w, b = self.readout_weight, self.readout_bias
+
+        def logit(y: Tensor, i: int) -> Tensor:
+            return (y * w[i, :, None, :]).sum(-1) + b[i, :, None]
+
+        eta = self.config.eta_max * torch.sigmoid(logit(eta_out, 0))
+        return k, v, eta, F.logsigmoid(logit(alpha_out, 1))
+
+    def readout(self, o: Tensor) -> Tensor:
+        """o ``(B, H, T, d)`` -> ``(B, T, D)``."""
+        b, _, t, _ = o.shape
+        y: Tensor = self.to_out(o.transpose(1, 2).reshape(b, t, self.config.d_model))
+        return y
+
+    def forward(self, x: Tensor, state: SelfRefState | None = None) -> tuple[Tensor, SelfRefState]:
+        c, spec = self.config, self.config.spec()
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        xh, q, cache = self.project(x, state.conv_cache)
+        log_momentum = self.log_momentum()
+        n_new = x.shape[1]
+
+        # M_k, M_v, M_η, M_α: generate the writes of every new token, update per chunk.
+        p_other = state.other_buffer.shape[-2]
+        x_stream = torch.cat([state.other_buffer, xh], dim=-2)
+
+        def other_step(group: GroupState, start: int, first: int, end: int, complete: bool,
+                       ) -> tuple[Tensor, GroupState | None]:
+            xs = x_stream[..., start:end, :]
+            k, v, eta, log_alpha = self.token_writes(mlp_forward(group.weights.layers, xs.unsqueeze(-3), spec))
+            out = torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first - start:, :]
+            if not complete:
+                return out, None
+            v_hat = mlp_forward(group.weights.layers, v.unsqueeze(-3), spec)
+            grads = l2_loss_grads(group.weights.layers, k.unsqueeze(-3), v_hat, spec)
+            log_beta = None if log_momentum is None else log_momentum[0].unsqueeze(-1).expand(-1, -1, end - start)
+            return out, dgd_chunk_update(group, grads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2),
+                                         log_beta, c.dgd)
+
+        outs, other = chunk_scan(state.other, x_stream.shape[-2], p_other, c.other_chunk_size, other_step)
+        packed = torch.cat(outs, dim=-2) if outs else xh.new_zeros(*xh.shape[:-1], 2 * c.head_dim + 2)
+        d = c.head_dim
+        eta = packed[..., 2 * d]
+        log_beta = (torch.full_like(eta, -math.inf) if log_momentum is None
+                    else log_momentum[1][:, None].expand_as(eta))
+        writes = Writes(packed[..., :d], packed[..., d:2 * d], eta, log_beta, packed[..., 2 * d + 1])
+
+        # M_memory: read o_t = M_memory,t'(q_t), update per chunk.
+        p_mem = state.memory_buffer.length
+        stream = state.memory_buffer.cat(writes)
+
+        def memory_step(group: GroupState, start: int, first: int, end: int, complete: bool,
+                        ) -> tuple[Tensor, GroupState | None]:
+            o = mlp_forward(group.weights.layers, q[..., first - p_mem:end - p_mem, :], spec)
+            if not complete:
+                return o, None
+            w = stream.slice(start, end)
+            v_hat = mlp_forward(group.weights.layers, w.v, spec)
+            grads = l2_loss_grads(group.weights.layers, w.k, v_hat, spec)
+            return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd)
+
+        outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
+        o = torch.cat(outs, dim=-2) if outs else q
+        total_other = p_other + n_new
+        new_state = SelfRefState(
+            other, x_stream[..., total_other - total_other % c.other_chunk_size:, :], memory,
+            stream.slice(stream.length - stream.length % c.memory_chunk_size, stream.length), cache)
+        return self.readout(o), new_state
