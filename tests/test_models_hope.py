@@ -1,0 +1,253 @@
+"""Hope language models: the state contract (causality, exact streaming, branching), gradients,
+training, and in-context CMS (no leakage, meta-learning through the updates, it helps)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nestlearn.config import ModelConfig
+from nestlearn.config.schema import CMSConfig, TitansConfig
+from nestlearn.models import available, build
+from nestlearn.models.hope import HopeLM
+
+V, D, L, H = 31, 16, 2, 2
+TYPES = ("hope_attention", "hope_attn_titans")
+CMS_VARIANTS = {
+    "static": {"chunk_sizes": [1, 4]},
+    "in_context": {"chunk_sizes": [2, 4], "in_context": True, "lr": [0.5]},
+    "nested": {"chunk_sizes": [2, 4, 8], "in_context": True, "form": "nested",
+               "lr": [0.5, 0.3, 0.1]},
+    "independent": {"chunk_sizes": [2, 6], "in_context": True, "form": "independent",
+                    "lr": [0.5]},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_config(type_: str = "hope_attention", n_layers: int = L, **cms: object) -> ModelConfig:
+    titans = TitansConfig(memory_heads=2, memory_head_dim=8, memory_chunk_size=3)
+    return ModelConfig(type=type_, vocab_size=V, d_model=D, n_layers=n_layers, n_heads=H,
+                       max_seq_len=16, titans=titans, cms=CMSConfig(**cms))  # type: ignore[arg-type]
+
+
+def make(type_: str = "hope_attention", seed: int = 0, n_layers: int = L,
+         **cms: object) -> HopeLM:
+    torch.manual_seed(seed)
+    model = build(model_config(type_, n_layers, **cms))
+    assert isinstance(model, HopeLM)
+    return model.double()
+
+
+def ids_of(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run_in_pieces(model: HopeLM, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    state = None
+    outs = []
+    for a, b in zip([0, *cuts], [*cuts, ids.shape[1]], strict=True):
+        out, state = model(ids[:, a:b], state)
+        outs.append(out)
+    return torch.cat(outs, dim=1)
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def test_registered() -> None:
+    assert set(TYPES) <= set(available())
+    assert make("hope_attn_titans").hope_blocks()[0].memory is not None
+    assert make("hope_attention").hope_blocks()[0].memory is None
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("variant", list(CMS_VARIANTS))
+@pytest.mark.parametrize("type_", TYPES)
+def test_streaming_is_exact(type_: str, variant: str, train: bool) -> None:
+    """One call == calls over chunks (cut inside and across segments) == one token per call."""
+    model = make(type_, **CMS_VARIANTS[variant]).train(train)
+    ids = ids_of(2, 13)
+    full, state = model(ids)
+    assert state.pos == 13
+    torch.testing.assert_close(run_in_pieces(model, ids, [3, 4, 9]), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(run_in_pieces(model, ids, list(range(1, 13))), full,
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", list(CMS_VARIANTS))
+@pytest.mark.parametrize("type_", TYPES)
+def test_causal_no_leakage(type_: str, variant: str) -> None:
+    """Changing token 5 (the in-segment target of position 4) leaves logits 0..4 unchanged."""
+    model = make(type_, **CMS_VARIANTS[variant]).eval()
+    ids = ids_of(1, 12)
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % V
+    with torch.no_grad():
+        a, b = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("variant", ["static", "nested"])
+def test_state_is_not_modified(variant: str) -> None:
+    """Two continuations of one prompt state equal the corresponding full runs."""
+    model = make("hope_attn_titans", **CMS_VARIANTS[variant]).eval()
+    prompt, a, b = ids_of(1, 5), ids_of(1, 6, seed=2), ids_of(1, 6, seed=3)
+    _, state = model(prompt)
+    out_a, _ = model(a, state)
+    out_b, _ = model(b, state)
+    torch.testing.assert_close(out_a, model(torch.cat((prompt, a), 1))[0][:, 5:])
+    torch.testing.assert_close(out_b, model(torch.cat((prompt, b), 1))[0][:, 5:])
+
+
+def test_state_must_match_the_model() -> None:
+    static, learning = make(**CMS_VARIANTS["static"]), make(**CMS_VARIANTS["in_context"])
+    _, state = static(ids_of(1, 4))
+    with pytest.raises(ValueError, match="in_context"):
+        learning(ids_of(1, 4), state)
+    with pytest.raises(ValueError, match="batch"):
+        static(ids_of(2, 4), state)
+
+
+@pytest.mark.parametrize("variant", ["static", "in_context", "independent"])
+@pytest.mark.parametrize("type_", TYPES)
+def test_gradients_reach_every_parameter(type_: str, variant: str) -> None:
+    model = make(type_, **CMS_VARIANTS[variant]).train()
+    ids = ids_of(2, 10)
+    logits, _ = model(ids)
+    next_token_loss(logits, ids).backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not missing
+
+
+def test_overfits_a_repeated_sequence() -> None:
+    model = make(chunk_sizes=[1, 4]).float().train()
+    ids = ids_of(1, 8).repeat(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(60):
+        logits, _ = model(ids)
+        loss = next_token_loss(logits, ids)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 < first
+
+
+def test_flops_per_token() -> None:
+    static = make(chunk_sizes=[1])
+    transformer = build(ModelConfig(type="transformer", vocab_size=V, d_model=D, n_layers=L,
+                                    n_heads=H, max_seq_len=16))
+    assert static.flops_per_token(64) == transformer.flops_per_token(64)
+    learning = make(chunk_sizes=[2], in_context=True)
+    n = learning._matmul_params()
+    assert learning.flops_per_token(64) == static.flops_per_token(64) + 12 * n
+    titans = make("hope_attn_titans", chunk_sizes=[1])
+    memory = sum(w.numel() for b in titans.hope_blocks() if b.memory is not None
+                 for w in b.memory.memory_init)
+    base = 6 * titans._matmul_params() + 12 * L * D * 64
+    assert titans.flops_per_token(64) == base + 18 * memory
+
+
+# ---- in-context CMS ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type_", TYPES)
+def test_zero_learning_rate_is_the_static_model(type_: str) -> None:
+    static = make(type_, chunk_sizes=[2, 4])
+    frozen = make(type_, chunk_sizes=[2, 4], in_context=True, lr=[0.0])
+    ids = ids_of(2, 11)
+    torch.testing.assert_close(frozen(ids)[0], static(ids)[0], rtol=1e-12, atol=1e-12)
+    learning = make(type_, chunk_sizes=[2, 4], in_context=True, lr=[0.5])
+    learned, _ = learning(ids)
+    torch.testing.assert_close(learned[:, :2], static(ids)[0][:, :2], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(learned[:, 2:], static(ids)[0][:, 2:])  # changed from token 2 on
+
+
+def test_no_grad_call_learns_in_context_and_returns_detached() -> None:
+    model = make(**CMS_VARIANTS["in_context"]).eval()
+    ids = ids_of(2, 9)
+    with torch.no_grad():
+        out, state = model(ids)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, model(ids)[0].detach(), rtol=1e-12, atol=1e-12)
+    assert state.cms is not None
+    assert float(state.cms[0].levels[0].delta[0].abs().max()) > 0
+
+
+@pytest.mark.parametrize("variant", ["in_context", "nested"])
+def test_outer_gradient_flows_through_the_updates(variant: str) -> None:
+    """In training, d loss / d θ_0 includes the path through the in-context updates: it matches
+    a central finite difference of the loss along a random direction of all CMS weights."""
+    model = make(**CMS_VARIANTS[variant]).train()
+    ids = ids_of(2, 9)
+    weights = [w for b in model.hope_blocks() for lv in b.cms.level_modules()
+               for w in lv.initial_weights()]
+    torch.manual_seed(5)
+    direction = [torch.randn_like(w) for w in weights]
+
+    def loss() -> torch.Tensor:
+        return next_token_loss(model(ids)[0], ids)
+
+    grads = torch.autograd.grad(loss(), weights)
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
+    eps = 1e-5
+    values = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for w, d in zip(weights, direction, strict=True):
+                w.add_(sign * eps * d)
+            values.append(float(loss()))
+            for w, d in zip(weights, direction, strict=True):
+                w.sub_(sign * eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert numeric == pytest.approx(analytic, rel=1e-6)
+    # The first-order (evaluation) inner loop gives θ_0 no gradient through the updates.
+    model.eval()
+    truncated = torch.autograd.grad(loss(), weights, allow_unused=True)
+    assert all(g is None for g in truncated)
+
+
+def test_in_context_learning_helps_on_a_repeated_sequence() -> None:
+    """Meta-train a 1-layer model briefly with in-context CMS on "a random sequence, then the
+    same again"; on new such sequences the second copy's loss is lower with the in-context
+    updates than with the same weights and η = 0 (no updates), the first copy's about equal."""
+    cms = {"chunk_sizes": [4, 8], "in_context": True}
+    model = make(n_layers=1, lr=[1.0], **cms).float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+
+    def repeated(batch: int) -> torch.Tensor:
+        seq = torch.randint(0, V, (batch, 12), generator=gen)
+        return torch.cat((seq, seq), dim=1)
+
+    for _ in range(30):
+        ids = repeated(8)
+        logits, _ = model(ids)
+        optimizer.zero_grad()
+        next_token_loss(logits, ids).backward()
+        optimizer.step()
+    frozen = make(n_layers=1, lr=[0.0], **cms).float()
+    frozen.load_state_dict(model.state_dict())
+    ids = repeated(32)
+    losses = {}
+    for name, m in (("on", model.eval()), ("off", frozen.eval())):
+        with torch.no_grad():
+            logits, _ = m(ids)
+        losses[name] = (next_token_loss(logits[:, :12], ids[:, :12]).item(),
+                        next_token_loss(logits[:, 12:], ids[:, 12:]).item())
+    assert losses["on"][1] < losses["off"][1] - 0.1
+    assert losses["on"][0] == pytest.approx(losses["off"][0], abs=0.1)
