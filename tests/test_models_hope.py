@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.config import ModelConfig
-from nestlearn.config.schema import CMSConfig, TitansConfig
+from nestlearn.config.schema import CMSConfig, SelfRefConfig, TitansConfig
 from nestlearn.models import available, build
 from nestlearn.models.hope import HopeLM
 
 V, D, L, H = 31, 16, 2, 2
-TYPES = ("hope_attention", "hope_attn_titans")
+TYPES = ("hope", "hope_attention", "hope_attn_titans")
 CMS_VARIANTS = {
     "static": {"chunk_sizes": [1, 4]},
     "in_context": {"chunk_sizes": [2, 4], "in_context": True, "lr": [0.5]},
@@ -36,8 +36,10 @@ def one_thread() -> Iterator[None]:
 
 def model_config(type_: str = "hope_attention", n_layers: int = L, **cms: object) -> ModelConfig:
     titans = TitansConfig(memory_heads=2, memory_head_dim=8, memory_chunk_size=3)
+    self_ref = SelfRefConfig(memory_chunk_size=3, other_chunk_size=2)
     return ModelConfig(type=type_, vocab_size=V, d_model=D, n_layers=n_layers, n_heads=H,
-                       max_seq_len=16, titans=titans, cms=CMSConfig(**cms))  # type: ignore[arg-type]
+                       max_seq_len=16, titans=titans, self_ref=self_ref,
+                       cms=CMSConfig(**cms))  # type: ignore[arg-type]
 
 
 def make(type_: str = "hope_attention", seed: int = 0, n_layers: int = L,
@@ -68,6 +70,8 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def test_registered() -> None:
     assert set(TYPES) <= set(available())
     assert make("hope_attn_titans").hope_blocks()[0].memory is not None
+    hope = make("hope").hope_blocks()[0]
+    assert hope.attn is None and hope.self_ref is not None  # no softmax attention in Hope
     assert make("hope_attention").hope_blocks()[0].memory is None
 
 

@@ -196,6 +196,37 @@ class CMSConfig:
 
 
 @dataclass
+class SelfRefConfig:
+    """The `model.self_ref:` block: the self-referential Titans mixer of `hope` (heads =
+    `model.n_heads`, head size d_model / n_heads). `dgd: false` and `momentum: false` are the
+    paper's ablation rows (plain gradient step; no momentum inside the memories). `v_norm`
+    L2-normalises v as the paper does q and k: not in the paper, but without it the
+    self-generated targets feed back and overflow within a few hundred tokens at our init."""
+
+    depth: int = 2
+    expansion: float = 1.0
+    memory_chunk_size: int = 64
+    other_chunk_size: int = 64
+    momentum: bool = True
+    dgd: bool = True
+    qk_norm: bool = True
+    v_norm: bool = True
+    conv_kernel: int = 4
+    eta_max: float = 0.5
+
+    def check(self, where: str) -> None:
+        for name in ("depth", "memory_chunk_size", "other_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")
+        if self.expansion <= 0:
+            raise ConfigError(f"{where}.expansion", self.expansion, "a number > 0")
+        if self.conv_kernel < 0:
+            raise ConfigError(f"{where}.conv_kernel", self.conv_kernel, "an integer >= 0 (0 disables)")
+        if not 0.0 < self.eta_max <= 1.0:
+            raise ConfigError(f"{where}.eta_max", self.eta_max, "a number in (0, 1]")
+
+
+@dataclass
 class ModelConfig:
     """Architecture; `type` picks the registry entry (see `nestlearn.models.available()`)."""
 
@@ -212,6 +243,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     titans: TitansConfig = field(default_factory=TitansConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)
+    self_ref: SelfRefConfig = field(default_factory=SelfRefConfig)
 
     def check(self, where: str) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -229,6 +261,7 @@ class ModelConfig:
             raise ConfigError(f"{where}.vocab_size", self.vocab_size, "an integer >= 2 or null")
         self.titans.check(f"{where}.titans")
         self.cms.check(f"{where}.cms")
+        self.self_ref.check(f"{where}.self_ref")
 
 
 @dataclass

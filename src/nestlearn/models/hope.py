@@ -2,9 +2,11 @@
 
 Nested Learning (arXiv 2512.24695 §8.3, Eqs. 94-97) builds Hope as "self-modifying Titans
 followed by CMS", and Hope-Attention by replacing the self-modifying Titans with softmax global
-attention. Two scaffolds are registered here (the self-referential layer of the full Hope block
-lives in `nestlearn.memory.self_ref` and is not wired in yet):
+attention. Three models are registered here:
 
+* ``hope``: x += SelfRefTitans(norm(x)); x = CMS(x), the paper's Hope: the self-referential
+  Titans of `nestlearn.memory.self_ref` (configured by ``model.self_ref``) as the sequence
+  mixer, no softmax attention at all, then the CMS.
 * ``hope_attention``: x += Attn(norm(x)); x = CMS(x), i.e. a Transformer++ whose MLP is a
   CMS (with ``cms.chunk_sizes: [1]`` and no in-context learning it *is* `TransformerPP`).
 * ``hope_attn_titans``: x += Attn(norm(x)); x += NeuralMemory(norm(x)); x = CMS(x), the
@@ -43,7 +45,14 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nestlearn.config.schema import ModelConfig
-from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig
+from nestlearn.memory import (
+    MemoryState,
+    NeuralMemory,
+    NeuralMemoryConfig,
+    SelfRefState,
+    SelfRefTitans,
+    SelfRefTitansConfig,
+)
 from nestlearn.models.base import LanguageModel
 from nestlearn.models.cms import CMSLevel, CMSState, ContinuumMemory, LevelWeights
 from nestlearn.models.layers import (
@@ -68,16 +77,30 @@ def memory_config(cfg: ModelConfig) -> NeuralMemoryConfig:
         conv_kernel=t.memory_conv_kernel, grad_clip=t.memory_grad_clip)
 
 
+def self_ref_config(cfg: ModelConfig) -> SelfRefTitansConfig:
+    """The `SelfRefTitans` mixer of ``hope`` from ``model.self_ref`` (heads = ``n_heads``)."""
+    s = cfg.self_ref
+    return SelfRefTitansConfig(
+        d_model=cfg.d_model, heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
+        depth=s.depth, expansion=s.expansion, memory_chunk_size=s.memory_chunk_size,
+        other_chunk_size=s.other_chunk_size, momentum=s.momentum, dgd=s.dgd, qk_norm=s.qk_norm,
+        v_norm=s.v_norm,
+        conv_kernel=s.conv_kernel, eta_max=s.eta_max)
+
+
 @dataclass(frozen=True)
 class LayerState:
-    """One block's sequence state: attention keys/values and, with Titans, the memory state."""
+    """One block's sequence state: attention keys/values or the self-referential memories,
+    and, with Titans, the memory state."""
 
     kv: LayerKV | None = None
     memory: MemoryState | None = None
+    self_ref: SelfRefState | None = None
 
     def detach(self) -> LayerState:
         kv = None if self.kv is None else (self.kv[0].detach(), self.kv[1].detach())
-        return LayerState(kv, None if self.memory is None else self.memory.detach())
+        return LayerState(kv, None if self.memory is None else self.memory.detach(),
+                          None if self.self_ref is None else self.self_ref.detach())
 
 
 @dataclass(frozen=True)
@@ -104,38 +127,54 @@ class HopeState:
 
 
 class HopeBlock(nn.Module):
-    """x + Attn(norm(x)), then x + NeuralMemory(norm(x)) when there is one, then CMS(x)."""
+    """x + Mixer(norm(x)) (attention, or self-referential Titans), then x + NeuralMemory(norm(x))
+    when there is one, then CMS(x)."""
 
-    def __init__(self, cfg: ModelConfig, memory: NeuralMemoryConfig | None) -> None:
+    def __init__(self, cfg: ModelConfig, memory: NeuralMemoryConfig | None,
+                 self_ref: SelfRefTitansConfig | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads) if self_ref is None else None
+        self.self_ref = SelfRefTitans(self_ref) if self_ref is not None else None
         self.memory_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if memory is not None else None
         self.memory = NeuralMemory(memory) if memory is not None else None
         hidden = cfg.cms.hidden or cfg.mlp_hidden or swiglu_hidden(cfg.d_model)
         self.cms = ContinuumMemory(cfg.d_model, hidden, cfg.cms, cfg.norm_eps)
 
+    def mixer_out(self) -> nn.Linear:
+        """The sequence mixer's output projection (the residual branch's last matrix)."""
+        if self.attn is not None:
+            return self.attn.proj
+        assert self.self_ref is not None
+        return self.self_ref.to_out
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, state: LayerState,
                 cms_weights: Sequence[LevelWeights] | None) -> tuple[Tensor, LayerState]:
-        h, kv = self.attn(self.attn_norm(x), cos, sin, state.kv)
+        kv, self_ref_state = None, None
+        if self.attn is not None:
+            h, kv = self.attn(self.attn_norm(x), cos, sin, state.kv)
+        else:
+            assert self.self_ref is not None
+            h, self_ref_state = self.self_ref(self.attn_norm(x), state.self_ref)
         x = x + h
         memory_state = None
         if self.memory is not None and self.memory_norm is not None:
             h, memory_state = self.memory(self.memory_norm(x), state.memory)
             x = x + h
-        return self.cms(x, cms_weights), LayerState(kv, memory_state)
+        return self.cms(x, cms_weights), LayerState(kv, memory_state, self_ref_state)
 
 
 class HopeLM(LanguageModel):
     """Embeddings, `HopeBlock`s, final RMSNorm and an output head (tied by default)."""
 
-    def __init__(self, cfg: ModelConfig, memory: NeuralMemoryConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, memory: NeuralMemoryConfig | None = None,
+                 self_ref: SelfRefTitansConfig | None = None) -> None:
         super().__init__(cfg)
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is not set")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
-        self.blocks = nn.ModuleList(HopeBlock(cfg, memory) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(HopeBlock(cfg, memory, self_ref) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.in_context = cfg.cms.in_context
@@ -158,8 +197,8 @@ class HopeLM(LanguageModel):
         block are attention, the memory and each CMS level (the independent form's weighted
         sum counts once), so k = 1 matches the Transformer's 1 / sqrt(2 n_layers)."""
         std = self.config.init_std
-        memory_modules = {id(m) for b in self.hope_blocks() if b.memory is not None
-                          for m in b.memory.modules()}
+        memory_modules = {id(m) for b in self.hope_blocks() for mem in (b.memory, b.self_ref)
+                          if mem is not None for m in mem.modules()}
         for module in self.modules():
             if id(module) in memory_modules:
                 continue
@@ -172,7 +211,7 @@ class HopeLM(LanguageModel):
             cms_branches = 1 if block.cms.agg is not None else k
             branches = 1 + cms_branches + (block.memory is not None)
             residual_std = std / math.sqrt(branches * self.config.n_layers)
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mixer_out().weight, mean=0.0, std=residual_std)
             for level in block.cms.level_modules():
                 nn.init.normal_(level.mlp.w_out.weight, mean=0.0, std=residual_std)
             if block.memory is not None:
@@ -237,9 +276,12 @@ class HopeLM(LanguageModel):
             raise ValueError(f"HopeState has {len(state.layers)} layers, the model {len(self.blocks)}")
         if (state.cms is not None) != self.in_context:
             raise ValueError("HopeState does not match the model's cms.in_context setting")
-        kv = state.layers[0].kv
-        if kv is not None and kv[0].shape[0] != ids.shape[0]:
-            raise ValueError(f"HopeState batch size {kv[0].shape[0]} != ids batch size {ids.shape[0]}")
+        kv, self_ref = state.layers[0].kv, state.layers[0].self_ref
+        batch = kv[0].shape[0] if kv is not None else None
+        if self_ref is not None:
+            batch = self_ref.other_buffer.shape[0]
+        if batch is not None and batch != ids.shape[0]:
+            raise ValueError(f"HopeState batch size {batch} != ids batch size {ids.shape[0]}")
 
     def _run(self, ids: Tensor, start: int, layers: Sequence[LayerState],
              weights: Sequence[Sequence[LevelWeights]] | None) -> tuple[Tensor, tuple[LayerState, ...]]:
@@ -320,6 +362,11 @@ def _regroup(grads: Sequence[Tensor], layer: int,
     """The flat gradient list of `torch.autograd.grad`, back to layer `layer`'s level pairs."""
     offset = 2 * sum(len(levels) for levels in weights[:layer])
     return [(grads[offset + 2 * i], grads[offset + 2 * i + 1]) for i in range(len(weights[layer]))]
+
+
+@register("hope")
+def build_hope(cfg: ModelConfig) -> HopeLM:
+    return HopeLM(cfg, self_ref=self_ref_config(cfg))
 
 
 @register("hope_attention")
