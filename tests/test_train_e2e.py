@@ -133,3 +133,31 @@ def test_cli_bad_source_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.txt" in lines[0], proc.stderr
+
+
+def test_cli_run_compare_trains_baselines_on_the_same_budget(tiny_root: Path, tiny_prepared: Any,
+                                                              tmp_path: Path) -> None:
+    from conftest import tiny_overrides
+
+    overrides = [*tiny_overrides(tiny_root), f"out_dir={tmp_path}", "train.steps=4",
+                 "train.eval_every=4", "train.ckpt_every=4", "train.eval_batches=1"]
+    proc = subprocess.run([sys.executable, "-m", "nestlearn", "run", "-c",
+                           "transformer/pilot_smoke", "--compare", "titans_mac", *overrides],
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    other = tmp_path / "tiny__titans_mac"
+    assert json.loads((other / "config.json").read_text())["model"]["type"] == "titans_mac"
+    main_final = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    other_final = json.loads((other / "metrics.json").read_text())
+    assert main_final["tokens"] == other_final["tokens"]  # the same token budget
+    html = (tmp_path / "tiny" / "report.html").read_text()
+    assert "Comparison" in html and "tiny__titans_mac" in html
+    assert (tmp_path / "tiny" / "compare.png").is_file()
+
+
+def test_cli_compare_rejects_an_unknown_entry(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "nestlearn", "run", "--compare", "lstm",
+                           f"out_dir={tmp_path}"], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert proc.returncode == 2 and "'lstm'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
                                 "checkpoint directory")
         return p
 
-    add("run", "the main job: prepare data, train, evaluate, write the report", resume=True)
+    run = add("run", "the main job: prepare data, train, evaluate, write the report", resume=True)
+    run.add_argument("--compare", default="", metavar="A,B",
+                     help="also train these model types or configs on the same data and token "
+                          "budget and compare them in the report (e.g. transformer,titans_mac)")
     add("prepare", "prepare the tokenizer and token shards only")
     add("train", "train (and evaluate) a model; no report", resume=True)
     add("config", "print the resolved config as JSON")
@@ -90,6 +93,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dir, final = pipeline.train(cfg, pipeline.prepare(cfg), _resume(args.resume))
         print(f"trained: val_loss {final['val_loss']:.4f}; run directory {run_dir}")
         return 0
-    report = pipeline.run(cfg, _resume(args.resume))
+    entries = [e.strip() for e in args.compare.split(",") if e.strip()]
+    compare = pipeline.comparison_configs(cfg, args.config_name, entries, args.overrides,
+                                          args.config_path)
+    report = pipeline.run(cfg, _resume(args.resume), compare=compare)
     print(f"report: {report}")
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from nestlearn import models
-from nestlearn.config.loader import to_dict
+from nestlearn.config.loader import load_config, to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import PreparedData, prepare_data
 from nestlearn.eval.report import write_report
@@ -67,11 +67,53 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     return run_dir, final
 
 
-def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print) -> Path:
-    """The whole main job; returns the path of the report."""
+# Config family of each model type, for `--compare TYPE`: TYPE is trained with the config of
+# its family at the main config's scale (e.g. hope/pilot_smoke -> titans/pilot_smoke).
+FAMILIES = {"transformer": "transformer", "transformer++": "transformer", "hope": "hope",
+            "hope_attention": "hope", "hope_attn_titans": "hope", "titans_mac": "titans",
+            "titans_mag": "titans", "titans_mal": "titans", "titans_lmm": "titans"}
+
+
+def comparison_configs(cfg: RunConfig, config_name: str, entries: list[str],
+                       overrides: list[str], config_dir: Path | None = None) -> list[RunConfig]:
+    """Configs of the `--compare` runs: each entry is a config name (`titans/pilot_smoke`) or a
+    model type (`titans_mac`, trained with its family's config at the main config's scale); all
+    get the main run's data, seed and training budget, so the curves are comparable."""
+    scale = Path(config_name).name
+    configs = []
+    for entry in entries:
+        if "/" in entry:
+            other = load_config(entry, overrides, config_dir)
+        elif entry in FAMILIES:
+            other = load_config(f"{FAMILIES[entry]}/{scale}", [*overrides, f"model.type={entry}"],
+                                config_dir)
+        else:
+            known = ", ".join(sorted(FAMILIES))
+            raise ValueError(f"--compare entry {entry!r} is neither a config name (family/name) "
+                             f"nor a model type ({known})")
+        name = f"{cfg.name}__{entry.replace('/', '_')}"
+        configs.append(dataclasses.replace(other, name=name, seed=cfg.seed, out_dir=cfg.out_dir,
+                                           data=cfg.data, train=cfg.train, logging=cfg.logging))
+    return configs
+
+
+def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print,
+        compare: list[RunConfig] | None = None) -> Path:
+    """The whole main job; returns the path of the report.
+
+    `compare`: more configs trained on the same prepared data (see `comparison_configs`),
+    shown side by side in the main run's report.
+    """
     data = prepare(cfg, log)
     run_dir, final = train(cfg, data, resume, log)
     log(f"validation: loss {final['val_loss']:.4f} nats/token, ppl {final['val_ppl']:.2f}, "
         f"{final['val_bpb']:.4f} bits/byte (unigram entropy "
         f"{final['unigram_entropy_nats']:.4f} nats/token)")
-    return write_report(run_dir)
+    others = []
+    for other in compare or []:
+        log(f"comparison run {other.name} ({other.model.type})")
+        other_dir, other_final = train(other, data, resume, log)
+        log(f"{other.name}: val loss {other_final['val_loss']:.4f}")
+        write_report(other_dir)
+        others.append(other_dir)
+    return write_report(run_dir, others)

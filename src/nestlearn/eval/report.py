@@ -26,14 +26,30 @@ def _curves(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[fl
     }
 
 
-def plot_loss(records: list[dict[str, Any]], baseline: float | None, title: str) -> bytes | None:
-    """PNG bytes of train/val loss against step, or None when matplotlib is not installed."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_loss(records: list[dict[str, Any]], baseline: float | None, title: str) -> bytes | None:
+    """PNG bytes of train/val loss against step, or None when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
         return None
     curves = _curves(records)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -47,11 +63,48 @@ def plot_loss(records: list[dict[str, Any]], baseline: float | None, title: str)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, plt)
+
+
+def plot_comparison(runs: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """PNG bytes of every run's train (thin) and validation (dots) loss on one axis."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for i, (label, records) in enumerate(runs.items()):
+        curves = _curves(records)
+        color = f"C{i}"
+        ax.plot(*curves["train"], color=color, lw=1, alpha=0.6, label=f"{label} train")
+        if curves["val"][0]:
+            ax.plot(*curves["val"], "o-", color=color, lw=1.5, ms=4, label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("same data, same token budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig, plt)
+
+
+def _comparison_section(run_dir: Path, others: list[Path]) -> str:
+    """A table of final figures and an overlaid loss plot of this run and `others`."""
+    if not others:
+        return ""
+    dirs = [run_dir, *others]
+    names = [read_json(d / "config.json")["name"] for d in dirs]
+    finals = [read_json(d / "metrics.json") for d in dirs]
+    head = "<tr><th>run</th><th>model</th><th>parameters</th><th>val loss</th><th>val bpb</th><th>tokens/s</th></tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{html.escape(read_json(d / 'config.json')['model']['type'])}</td>"
+        f"<td>{_fmt(f.get('params', 0))}</td><td>{_fmt(f.get('val_loss', 0.0))}</td>"
+        f"<td>{_fmt(f.get('val_bpb', 0.0))}</td><td>{_fmt(f.get('tokens_per_s', 0.0))}</td></tr>"
+        for n, d, f in zip(names, dirs, finals, strict=True))
+    png = plot_comparison({n: read_jsonl(d / "metrics.jsonl") for n, d in zip(names, dirs, strict=True)})
+    figure = ""
+    if png is not None:
+        atomic_write_bytes(run_dir / "compare.png", png)
+        figure = f'<img alt="loss curves of all runs" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    return f"<h2>Comparison</h2><table>{head}{rows}</table>{figure}"
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -90,8 +143,12 @@ table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ddd
 th{background:#f5f5f5}pre{background:#f8f8f8;padding:1rem;overflow:auto;font-size:.85rem}img{max-width:100%}"""
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write `loss.png` and `report.html` into `run_dir`; returns the report's path."""
+def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
+    """Write `loss.png` and `report.html` into `run_dir`; returns the report's path.
+
+    `compare`: run directories trained on the same data and budget (`run --compare`), shown
+    side by side with this one (`compare.png` and a table of final figures).
+    """
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json")
     final = read_json(run_dir / "metrics.json")
@@ -116,6 +173,7 @@ def write_report(run_dir: Path) -> Path:
 <p>Model <b>{html.escape(config['model']['type'])}</b>; run directory <code>{html.escape(str(run_dir))}</code>.</p>
 <h2>Final figures</h2>{_table(headline)}
 <h2>Loss</h2>{figure}
+{_comparison_section(run_dir, compare or [])}
 <h2>Data</h2>{_source_rows(stats)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 </body></html>
