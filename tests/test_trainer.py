@@ -154,3 +154,21 @@ def test_explicit_nested_mode_runs_meta_updates(tiny_cfg: RunConfig, tiny_prepar
     trainer = make_trainer(cfg, tiny_prepared, steps=4, eval_every=4, ckpt_every=4)
     trainer.fit()
     assert trainer.optimizer.last_meta_loss is not None  # type: ignore[attr-defined]
+
+
+def test_inner_loops_and_level_firings_are_logged(tiny_cfg: RunConfig, tiny_prepared: Any) -> None:
+    """Titans memories report θ/η/α/surprise; level clocks report how often each level fired."""
+    from nestlearn.config.schema import CMSConfig
+
+    model = dataclasses.replace(tiny_cfg.model, type="hope_attn_titans",
+                                cms=CMSConfig(chunk_sizes=[1, 2]))
+    cfg = dataclasses.replace(tiny_cfg, model=model, optimizer=dataclasses.replace(
+        tiny_cfg.optimizer, type="chunked"))
+    trainer = make_trainer(cfg, tiny_prepared, steps=4, log_every=2, eval_every=4, ckpt_every=4)
+    trainer.fit()
+    train = [r for r in read_jsonl(pipeline.run_dir_of(cfg) / "metrics.jsonl")
+             if r["split"] == "train"]
+    last = train[-1]
+    assert 0.0 < last["memory/theta"] < 1.0 and 0.0 < last["memory/eta"] < 1.0
+    assert last["memory/surprise_norm"] > 0.0
+    assert last["levels/cms_2_updates"] == 2.0 and last["levels/base_updates"] == 4.0

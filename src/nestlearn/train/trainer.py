@@ -23,6 +23,7 @@ from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
 from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
+from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from nestlearn.train.metrics import make_sinks
@@ -81,6 +82,7 @@ class Trainer:
         self.state = TrainState()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.losses: list[float] = []  # per-step training loss of this process, for tests/reports
+        self.inner_stats: dict[str, float] = {}  # memory/* means of the last observed step
         self.config_dict = to_dict(cfg)
         resumed = self._maybe_resume(resume)
         self.sinks = make_sinks(cfg.logging, self.run_dir, cfg.name, self.config_dict,
@@ -113,11 +115,14 @@ class Trainer:
         """Run grad_accum micro-batches and one update; returns (loss, grad norm)."""
         cfg = self.cfg.train
         total = 0.0
+        observe = (self.state.step + 1) % cfg.log_every == 0 or self.state.step + 1 == cfg.steps
         for _ in range(cfg.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_context(self.device, cfg.precision):
-                logits, _ = self.model(x)
+                logits, model_state = self.model(x)
+            if observe:
+                self.inner_stats = inner_loop_stats(model_state)
             loss = lm_loss(logits, y)
             torch.autograd.backward(loss / cfg.grad_accum)
             total += float(loss.detach())
@@ -183,8 +188,12 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _optimizer_metrics(self) -> dict[str, float]:
-        """The port guide's `nested/*` metrics, when the nested optimizer is in use."""
+        """The port guide's `nested/*` metrics with the nested optimizer; level firings
+        (`levels/<name>_updates`) on level clocks."""
         opt = self.optimizer
+        if isinstance(opt, ChunkedAdamW):
+            return {f"levels/{g['level']}_updates": float(g["clock"] // g["chunk_size"])
+                    for g in opt.param_groups}
         if not isinstance(opt, DeepNestedOptimizer):
             return {}
         mults = opt.get_lr_multipliers()
@@ -252,7 +261,7 @@ class Trainer:
                                     "loss_avg": sum(window) / len(window), "lr": lr,
                                     "grad_norm": grad_norm, "tokens": self.state.tokens,
                                     "tokens_per_s": tps, "time": self.state.train_time_s,
-                                    **self._optimizer_metrics()})
+                                    **self._optimizer_metrics(), **self.inner_stats})
                     window.clear()
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val = self._log_val()

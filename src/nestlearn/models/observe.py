@@ -1,0 +1,34 @@
+"""Inner-loop statistics of a model's state, for the Trainer's metrics.
+
+Every Titans memory returns its mean inner learning rate θ, momentum decay η, forget gate α
+and surprise norm with its state; this finds them wherever a model keeps them (any nesting of
+dataclasses and tuples) and averages them, so users see the inner loops work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from nestlearn.memory import MemoryState
+
+
+def _memory_stats(obj: Any) -> Iterator[dict[str, float]]:
+    if isinstance(obj, MemoryState):
+        if obj.stats is not None:
+            yield obj.stats.as_dict()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _memory_stats(getattr(obj, f.name))
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            yield from _memory_stats(item)
+
+
+def inner_loop_stats(state: Any) -> dict[str, float]:
+    """`memory/<name>` means over every memory layer in `state`; {} for a model without one."""
+    found = list(_memory_stats(state))
+    if not found:
+        return {}
+    return {f"memory/{key}": sum(d[key] for d in found) / len(found) for key in found[0]}
