@@ -65,6 +65,8 @@ from nestlearn.memory.mlp import (
     Activation,
     MemoryMLPSpec,
     RankOneGrads,
+    activate,
+    activation_derivative,
     l2_loss_grads,
     linear,
     mlp_forward,
@@ -169,6 +171,13 @@ def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_al
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
     against the weights' leading dims; ``log_beta`` is ignored without momentum."""
+    return _dgd_chunk_update(state, grads, None, eta, log_alpha, log_beta, dgd)
+
+
+def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
+                      eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, dgd: bool) -> GroupState:
+    """``dgd_chunk_update``; ``reads``, when given, are the chunk-start reads W^(l)_0 z^(l)
+    ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     seg = segment_sums(log_alpha).exp()
     gamma_prev, decay_prev = seg[..., :-1, 0], seg[..., :-1, 1:]  # γ_{t-1}, γ_{t-1}/γ_s (s < t)
     gamma_n, decay_last = seg[..., -1, 0], seg[..., -1, 1:]  # γ_n, γ_n/γ_s
@@ -182,31 +191,84 @@ def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_al
         c_prev = F.pad(co.c[..., :-1, :], (0, 0, 1, 0))  # c_{t-1,j}, zero row for t = 1
         c_last = co.c[..., -1, :]
     eta_cols = eta.unsqueeze(-2)
-    new_w: list[Tensor] = []
-    new_s: list[Tensor] = []
-    for layer, (w0, delta, z) in enumerate(zip(state.weights.layers, grads.deltas, grads.inputs,
-                                               strict=True)):
-        s0 = None if state.momentum is None or co is None else state.momentum.layers[layer]
-        out = w0.shape[-2]
-        rows = delta * (c_last * eta).unsqueeze(-1)
-        if dgd:
-            gram = z @ z.transpose(-1, -2)
-            read = linear(w0 if s0 is None else torch.cat([w0, s0], dim=-2), z)  # [W_0 z | S_0 z]
-            rhs = gamma_prev.unsqueeze(-1) * read[..., :out] - (c_prev * gram * eta_cols) @ delta
-            if s0 is not None and co is not None:
-                rhs = rhs + F.pad(co.b[..., :-1], (1, 0)).unsqueeze(-1) * read[..., out:]
-            p = torch.linalg.solve_triangular(decay_prev * gram * eta_cols, rhs, upper=False,
-                                              unitriangular=True)
-            rows = rows + p * (decay_last * eta).unsqueeze(-1)
-        if s0 is None or co is None:
-            new_w.append(gamma_n[..., None, None] * w0 - rows.transpose(-1, -2) @ z)
-            continue
-        step = delta * (co.momentum[..., -1, :] * eta).unsqueeze(-1)
-        both = torch.cat([rows, step], dim=-1).transpose(-1, -2) @ z  # one product for W and S
-        new_w.append(gamma_n[..., None, None] * w0 + co.b[..., -1, None, None] * s0 - both[..., :out, :])
-        new_s.append(co.E[..., -1, None, None] * s0 - both[..., out:, :])
-    momentum = None if state.momentum is None else MemoryWeights(tuple(new_s))
-    return GroupState(MemoryWeights(tuple(new_w)), momentum)
+    # Per-token weights of the chunk, shared by every layer.
+    last_w = (c_last * eta).unsqueeze(-1)  # c_{n,j} η_j
+    dgd_terms: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+    if dgd:
+        b_prev = None if co is None else F.pad(co.b[..., :-1], (1, 0)).unsqueeze(-1)
+        dgd_terms = (gamma_prev.unsqueeze(-1), decay_prev * eta_cols, (decay_last * eta).unsqueeze(-1), b_prev)
+    coeffs = _DgdCoefficients(gamma_n[..., None, None], last_w, -(c_prev * eta_cols), dgd_terms,
+                              None if co is None else co.b[..., -1, None, None],
+                              None if co is None else co.E[..., -1, None, None],
+                              None if co is None else (co.momentum[..., -1, :] * eta).unsqueeze(-1))
+    w0s, deltas, zs = state.weights.layers, grads.deltas, grads.inputs
+    s0s = None if state.momentum is None else state.momentum.layers
+    if len(w0s) > 1 and len({tuple(w.shape) for w in w0s}) == 1 and len({tuple(d.shape) for d in deltas}) == 1 \
+            and len({tuple(z.shape) for z in zs}) == 1:
+        # Equal layer shapes: every layer in one batch (leading axis = layer).
+        new_w, new_s = _dgd_layer(torch.stack(w0s), None if s0s is None else torch.stack(s0s),
+                                  torch.stack(deltas), torch.stack(zs),
+                                  None if reads is None else torch.stack(reads), coeffs)
+        return GroupState(MemoryWeights(tuple(new_w.unbind(0))),
+                          None if new_s is None else MemoryWeights(tuple(new_s.unbind(0))))
+    ws: list[Tensor] = []
+    ss: list[Tensor] = []
+    for layer, (w0, delta, z) in enumerate(zip(w0s, deltas, zs, strict=True)):
+        w, s = _dgd_layer(w0, None if s0s is None else s0s[layer], delta, z,
+                          None if reads is None else reads[layer], coeffs)
+        ws.append(w)
+        if s is not None:
+            ss.append(s)
+    return GroupState(MemoryWeights(tuple(ws)), None if s0s is None else MemoryWeights(tuple(ss)))
+
+
+@dataclass(frozen=True)
+class _DgdCoefficients:
+    """Layer-independent factors of ``dgd_chunk_update`` (each broadcast against a layer)."""
+
+    gamma_n: Tensor  # γ_n, (..., 1, 1)
+    last_w: Tensor  # c_{n,j} η_j, (..., n, 1)
+    c_prev_eta: Tensor  # -c_{t-1,j} η_j, (..., n, n)
+    dgd: tuple[Tensor, Tensor, Tensor, Tensor | None] | None  # γ_{t-1}, (γ_{t-1}/γ_s) η_s, (γ_n/γ_s) η_s, b_{t-1}
+    b_n: Tensor | None
+    e_n: Tensor | None
+    step_w: Tensor | None  # (E_n / E_j) η_j, (..., n, 1)
+
+
+def _cat_broadcast(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` along a matrix dim (-1 or -2) after broadcasting the leading (batch) dims."""
+    rank = max(t.dim() for t in tensors) - 2  # batch dims; sizes are 1 or equal (broadcastable)
+    batch = [max(t.shape[-2 - i] if t.dim() - 2 >= i else 1 for t in tensors) for i in range(rank, 0, -1)]
+    return torch.cat([t.expand(*batch, *t.shape[-2:]) for t in tensors], dim=dim)
+
+
+def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,
+               co: _DgdCoefficients) -> tuple[Tensor, Tensor | None]:
+    """(W_n, S_n) of one layer (or a stack of equally shaped layers) after a chunk."""
+    out = w0.shape[-2]
+    rows = delta * co.last_w
+    if co.dgd is not None:
+        gamma_prev, decay_eta, decay_last_eta, b_prev = co.dgd
+        gram = z @ z.transpose(-1, -2)
+        # rhs_t = γ_{t-1} W_0 z_t + b_{t-1} S_0 z_t - Σ_j c_{t-1,j} η_j (z_j·z_t) δ_j as one product
+        left = [co.c_prev_eta * gram]
+        right = [delta]
+        if read is None:
+            left.append(gamma_prev * z)
+            right.append(w0.transpose(-1, -2))
+        if s0 is not None and b_prev is not None:
+            left.append(b_prev * z)
+            right.append(s0.transpose(-1, -2))
+        rhs = _cat_broadcast(left, -1) @ _cat_broadcast(right, -2)
+        if read is not None:
+            rhs = rhs + gamma_prev * read
+        p = torch.linalg.solve_triangular(decay_eta * gram, rhs, upper=False, unitriangular=True)
+        rows = rows + p * decay_last_eta
+    if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
+        return co.gamma_n * w0 - rows.transpose(-1, -2) @ z, None
+    step = delta * co.step_w
+    both = torch.cat([rows, step], dim=-1).transpose(-1, -2) @ z  # one product for W and S
+    return co.gamma_n * w0 + co.b_n * s0 - both[..., :out, :], co.e_n * s0 - both[..., out:, :]
 
 
 S = TypeVar("S")
@@ -337,6 +399,8 @@ class SelfRefTitans(nn.Module):
         xh, q, cache = self.project(x, state.conv_cache)
         log_momentum = self.log_momentum()
         n_new = x.shape[1]
+        if c.other_chunk_size == c.memory_chunk_size and state.other_buffer.shape[-2] == state.memory_buffer.length:
+            return self._forward_aligned(xh, q, state, log_momentum, cache)
 
         # M_k, M_v, M_η, M_α: generate the writes of every new token, update per chunk.
         p_other = state.other_buffer.shape[-2]
@@ -384,3 +448,103 @@ class SelfRefTitans(nn.Module):
             other, x_stream[..., total_other - total_other % c.other_chunk_size:, :], memory,
             stream.slice(stream.length - stream.length % c.memory_chunk_size, stream.length), cache)
         return self.readout(o), new_state
+
+    def _forward_aligned(self, xh: Tensor, q: Tensor, state: SelfRefState,
+                         log_momentum: tuple[Tensor, Tensor] | None, cache: Tensor | None,
+                         ) -> tuple[Tensor, SelfRefState]:
+        """``forward`` when both groups share chunk boundaries (equal chunk sizes, equally long
+        buffers): the five memories M_k, M_v, M_η, M_α, M_memory run as one stacked batch
+        ``(B, H, 5, out, in)``, one pass per chunk. Same equations as the general path: the
+        buffered tokens' writes are regenerated from the same chunk-start memories."""
+        c, spec = self.config, self.config.spec()
+        n_other = len(OTHER)
+        p = state.other_buffer.shape[-2]
+        x_stream = torch.cat([state.other_buffer, xh], dim=-2)
+        q_stream = F.pad(q, (0, 0, p, 0))  # buffered tokens' queries are never read
+        total = x_stream.shape[-2]
+        chunk = c.memory_chunk_size
+
+        def stack(other: MemoryWeights, memory: MemoryWeights) -> tuple[Tensor, ...]:
+            return tuple(torch.cat([o, m.unsqueeze(-3)], dim=-3)
+                         for o, m in zip(other.layers, memory.layers, strict=True))
+
+        weights = stack(state.other.weights, state.memory.weights)
+        momentum = (None if state.other.momentum is None or state.memory.momentum is None
+                    else stack(state.other.momentum, state.memory.momentum))
+        log_beta = None
+        if log_momentum is not None:
+            log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, 5)
+        outs: list[Tensor] = []
+        packs: list[Tensor] = []
+        sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
+        for start, xs, qs in zip(range(0, total, chunk), x_stream.split_with_sizes(sizes, dim=-2),
+                                 q_stream.split_with_sizes(sizes, dim=-2), strict=True):
+            n = xs.shape[-2]
+            first = max(start, p) - start
+            complete = n == chunk
+            if first == n and not complete:
+                break
+            inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]),
+                             qs.unsqueeze(-3)], dim=-3)
+            out = mlp_forward(weights, inp, spec)
+            k, v, eta, log_alpha = self.token_writes(out[..., :n_other, :, :])
+            outs.append(out[..., n_other, first:, :])
+            packs.append(torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first:, :])
+            if not complete:
+                continue
+            grads, reads = _target_grads(weights, v, k, spec)
+            lb = None if log_beta is None else log_beta.unsqueeze(-1).expand(*log_beta.shape, n)
+            new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None
+                                               else MemoryWeights(momentum)),
+                                    grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), lb, c.dgd)
+            weights = new.weights.layers
+            momentum = None if new.momentum is None else new.momentum.layers
+
+        def unstack(layers: tuple[Tensor, ...] | None) -> tuple[MemoryWeights | None, MemoryWeights | None]:
+            if layers is None:
+                return None, None
+            return (MemoryWeights(tuple(w[..., :n_other, :, :] for w in layers)),
+                    MemoryWeights(tuple(w[..., n_other, :, :] for w in layers)))
+
+        other_w, memory_w = unstack(weights)
+        other_s, memory_s = unstack(momentum)
+        assert other_w is not None and memory_w is not None
+        d = c.head_dim
+        packed = torch.cat(packs, dim=-2) if packs else xh.new_zeros(*xh.shape[:-1], 2 * d + 2)
+        eta_all = packed[..., 2 * d]
+        log_beta_mem = (torch.full_like(eta_all, -math.inf) if log_momentum is None
+                        else log_momentum[1][:, None].expand_as(eta_all))
+        writes = Writes(packed[..., :d], packed[..., d:2 * d], eta_all, log_beta_mem, packed[..., 2 * d + 1])
+        stream = state.memory_buffer.cat(writes)
+        o = torch.cat(outs, dim=-2) if outs else q
+        new_state = SelfRefState(
+            GroupState(other_w, other_s), x_stream[..., total - total % chunk:, :],
+            GroupState(memory_w, memory_s),
+            stream.slice(stream.length - stream.length % chunk, stream.length), cache)
+        return self.readout(o), new_state
+
+
+def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: MemoryMLPSpec,
+                  ) -> tuple[RankOneGrads, tuple[Tensor, ...]]:
+    """Closed-form gradients of ℓ = ||M(k_t) - v̂_t||² with each memory's own target v̂ = M(v_t):
+    the same as ``l2_loss_grads(layers, k, mlp_forward(layers, v))``, one matmul per layer for
+    both reads. v, k ``(B, H, n, d)``, shared by the memories stacked on dim -3. Also returns
+    the pre-activations W^(l) z^(l) of the k reads."""
+    n = v.shape[-2]
+    x = torch.cat([v, k], dim=-2).unsqueeze(-3)
+    a = x
+    inputs: list[Tensor] = []
+    pre: list[Tensor] = []
+    depth = len(layers)
+    for i, w in enumerate(layers):
+        inputs.append(a[..., n:, :].expand(*w.shape[:-2], n, a.shape[-1]) if i == 0 else a[..., n:, :])
+        u = linear(w, a)
+        pre.append(u[..., n:, :])
+        a = activate(u, spec.activation) if i < depth - 1 else u
+    out = a + x if spec.residual else a
+    delta = 2 * (out[..., n:, :] - out[..., :n, :])
+    deltas = [delta]
+    for i in range(depth - 1, 0, -1):
+        delta = (delta @ layers[i]) * activation_derivative(pre[i - 1], spec.activation)
+        deltas.append(delta)
+    return RankOneGrads(tuple(reversed(deltas)), tuple(inputs)), tuple(pre)
