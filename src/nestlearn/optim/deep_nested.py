@@ -41,6 +41,7 @@ EPS = 1e-8
 LOSS_EMA = 0.9  # running mean of the loss that the controller compares against
 REGRESSION_COORDS = 4096  # coordinates per tensor kept for the L2 regression objective
 META_GRAD_CLIP = 1.0
+MLP_CHUNK = 8192  # momentum-MLP rows per [rows, hidden] activation block (~2 MB at 64)
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,26 @@ class ContinuumMemoryState:
         return cls(tuple(frequencies), (zero,) * n, (zero,) * n, (0,) * n, zero)
 
     def advanced(self, grad: Tensor) -> ContinuumMemoryState:
-        """The state after one more gradient (pure: differentiable, never in place)."""
+        """The state after one more gradient (pure: differentiable, never in place).
+
+        A level of frequency 1 fires on every advance, so its accumulator is always the zero it
+        was reset to: its chunk sum is `grad` itself and the zero tensor is kept, not re-made.
+        """
         step = self.steps + 1
         accumulators, momenta, fires = [], [], []
         for freq, acc, mom, n in zip(self.frequencies, self.accumulators, self.momenta,
                                      self.fires, strict=True):
-            acc = acc + grad
+            total = grad if freq == 1 else acc + grad
             if step % freq == 0:
-                mom = BETA * mom + (1.0 - BETA) * (acc / freq)
-                acc = torch.zeros_like(acc)
+                mom = torch.lerp(mom, total if freq == 1 else total / freq, 1.0 - BETA)
+                acc = acc if freq == 1 else torch.zeros_like(acc)
                 n += 1
+            else:
+                acc = total
             accumulators.append(acc)
             momenta.append(mom)
             fires.append(n)
-        second = BETA2 * self.second_moment + (1.0 - BETA2) * grad * grad
+        second = torch.addcmul(self.second_moment * BETA2, grad, grad, value=1.0 - BETA2)
         return ContinuumMemoryState(self.frequencies, tuple(accumulators), tuple(momenta),
                                     tuple(fires), second, step)
 
@@ -89,15 +96,19 @@ class ContinuumMemoryState:
 
     def scale(self) -> Tensor:
         """s = √(v̂ + ε²): smooth at v = 0, so second-order unrolls stay finite."""
-        v_hat = self.second_moment / (1.0 - BETA2 ** max(self.steps, 1))
+        v_hat = self.second_moment * (1.0 / (1.0 - BETA2 ** max(self.steps, 1)))
         return torch.sqrt(v_hat + EPS * EPS)
 
-    def features(self, grad: Tensor, scale: Tensor) -> Tensor:
-        """`[numel, L + 1]` momentum-MLP input: gradient and bias-corrected momenta over s."""
-        columns = [grad / scale]
-        for mom, n in zip(self.momenta, self.fires, strict=True):
-            columns.append(mom / ((1.0 - BETA ** n) * scale) if n else torch.zeros_like(grad))
-        return torch.stack([c.reshape(-1) for c in columns], dim=-1)
+    def inputs(self, grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """Momentum-MLP input as `(raw [numel, L + 1], coef [L + 1])`; features = raw · coef.
+
+        raw = [g, m_1 … m_L] / s and coef = [1, 1 / (1 − β^n_1) …] (0 for a level that has not
+        fired, whose momentum is still zero): the bias corrections stay a per-column factor
+        that the MLP folds into its weights instead of a pass over every coordinate.
+        """
+        raw = torch.stack([grad.reshape(-1), *(m.reshape(-1) for m in self.momenta)], dim=-1)
+        coef = [1.0] + [1.0 / (1.0 - BETA ** n) if n else 0.0 for n in self.fires]
+        return raw / scale.reshape(-1, 1), grad.new_tensor(coef)
 
     def to_dict(self) -> dict[str, Any]:
         return {"accumulators": list(self.accumulators), "momenta": list(self.momenta),
@@ -132,8 +143,26 @@ class L2RegressionMomentum(nn.Module):
             self.out.weight.zero_()
 
     def forward(self, features: Tensor) -> Tensor:
-        hidden: Tensor = self.out(torch.tanh(self.hidden(features)))
-        return features @ self.skip + hidden.squeeze(-1)
+        return self.direction(features, torch.ones_like(self.skip))
+
+    def direction(self, raw: Tensor, coef: Tensor, with_hidden: bool = True) -> Tensor:
+        """u(raw · coef) for `[N, n_inputs]` raw inputs and per-column factors `coef`.
+
+        The factors are folded into the first-layer weights, and the `[N, hidden]` activation
+        is made `MLP_CHUNK` rows at a time (cache-sized, never all N at once). tanh is
+        evaluated as tanh(z) = 2σ(2z) − 1 with the constants folded into the weights: the same
+        function up to float rounding, and σ has a several times faster CPU kernel.
+        `with_hidden=False` drops the hidden path: exact when the output layer is zero.
+        """
+        linear = raw @ (self.skip * coef)
+        if not with_hidden:
+            return linear
+        w_in = (self.hidden.weight * (2.0 * coef)).t()
+        w_out = 2.0 * self.out.weight.reshape(-1)
+        base = linear - self.out.weight.sum()
+        return torch.cat([
+            torch.addmv(base[i:i + MLP_CHUNK], (raw[i:i + MLP_CHUNK] @ w_in).sigmoid_(), w_out)
+            for i in range(0, raw.shape[0], MLP_CHUNK)])
 
     def regression_loss(self, features: Tensor, targets: Tensor) -> Tensor:
         """½ mean (u(x) − y)²: the memory's inner L2 objective."""
@@ -154,7 +183,7 @@ class _StepAux:
     context: Tensor
     mults: Tensor
     directions: list[Tensor]
-    features: list[Tensor]
+    inputs: list[tuple[Tensor, Tensor]]  # (raw, coef) of `ContinuumMemoryState.inputs`
     scales: list[Tensor]
 
 
@@ -175,6 +204,12 @@ def _sample_index(numel: int, step: int, device: torch.device) -> Tensor:
     """Deterministic strided coordinates (offset rotates with the step): no RNG to checkpoint."""
     stride = max(1, math.ceil(numel / REGRESSION_COORDS))
     return torch.arange(step % stride, numel, stride, device=device)
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """‖t‖² in one pass (a dot product, not a squared copy and a sum)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -288,35 +323,39 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
               loss: Tensor | None, clip: bool) -> tuple[list[Tensor], _Carry, _StepAux]:
         """One optimizer step as a pure function of tensors (differentiable end to end)."""
         if clip:
-            total = torch.sqrt(sum((g * g).sum() for g in grads) + EPS * EPS)  # type: ignore[arg-type]
+            total = torch.sqrt(sum(_sq_norm(g) for g in grads) + EPS * EPS)  # type: ignore[arg-type]
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
             grads = [g * coef for g in grads]
         states = [s.advanced(g) for s, g in zip(carry.states, grads, strict=True)]
         ref = grads[0]
         grad_sq = torch.stack([
-            sum(((g * g).sum() for i, g in zip(active, grads, strict=True)
+            sum((_sq_norm(g) for i, g in zip(active, grads, strict=True)
                  if self._group_of[i] == gi), ref.new_zeros(()))
             for gi in range(len(self.param_groups))
         ])
         context = controller_features(loss, carry.ema_loss, grad_sq, carry.step,
                                       self._group_depths, self._group_is_memory)
         mults = self.controller(context)
-        new_params, directions, features, scales = [], [], [], []
+        # A zero output layer makes the hidden path exactly zero; only an autograd graph
+        # (the explicit-mode unroll) still needs it, for the gradient of that layer.
+        with_hidden = torch.is_grad_enabled() or bool(self.momentum_mlp.out.weight.any())
+        step_sizes = self._lrs() * mults
+        new_params, directions, inputs, scales = [], [], [], []
         for i, p, g, s in zip(active, params, grads, states, strict=True):
             group = self.param_groups[self._group_of[i]]
             scale = s.scale()
-            x = s.features(g, scale)
-            u = self.momentum_mlp(x).view_as(p)
-            d = u + group["weight_decay"] * p if group["weight_decay"] else u
-            new_params.append(p - group["lr"] * mults[self._group_of[i]] * d)
+            raw, coef = s.inputs(g, scale)
+            u = self.momentum_mlp.direction(raw, coef, with_hidden).view_as(p)
+            d = torch.add(u, p, alpha=group["weight_decay"]) if group["weight_decay"] else u
+            new_params.append(torch.addcmul(p, step_sizes[self._group_of[i]], d, value=-1.0))
             directions.append(d)
-            features.append(x)
+            inputs.append((raw, coef))
             scales.append(scale)
         ema = carry.ema_loss
         if loss is not None:
             ema = loss if ema is None else LOSS_EMA * ema + (1.0 - LOSS_EMA) * loss
         return (new_params, _Carry(states, ema, carry.step + 1),
-                _StepAux(context, mults, directions, features, scales))
+                _StepAux(context, mults, directions, inputs, scales))
 
     def _lrs(self) -> Tensor:
         ref = self._params[0]
@@ -377,11 +416,13 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
         return result
 
     def _remember(self, active: list[int], aux: _StepAux) -> None:
-        samples = [_sample_index(x.shape[0], self.global_step, x.device) for x in aux.features]
+        samples = [_sample_index(raw.shape[0], self.global_step, raw.device)
+                   for raw, _ in aux.inputs]
         self._pending = _Pending(
             active=active, context=aux.context.detach(), lrs=self._lrs(),
             directions=[d.detach() for d in aux.directions], samples=samples,
-            features=[x[idx].detach() for x, idx in zip(aux.features, samples, strict=True)],
+            features=[(raw[idx] * coef).detach()
+                      for (raw, coef), idx in zip(aux.inputs, samples, strict=True)],
             scales=[s.reshape(-1)[idx].detach()
                     for s, idx in zip(aux.scales, samples, strict=True)])
 
@@ -394,7 +435,7 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
             g = next_grads.get(i)
             if g is None:
                 continue
-            lookahead[self._group_of[i]] += (g * pending.directions[j]).sum()
+            lookahead[self._group_of[i]] += torch.dot(g.reshape(-1), pending.directions[j].reshape(-1))
             features.append(pending.features[j])
             targets.append(g.reshape(-1)[pending.samples[j]] / pending.scales[j])
         if features:
@@ -450,6 +491,17 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             self._meta_step(meta)
         return {"meta_loss": float(meta.detach()), "meta_improvement": float(meta.detach()) - before}
+
+    def nested_metrics(self) -> dict[str, float]:
+        """The port guide's `nested/*` logging block, ready for any metrics sink."""
+        mults = self.get_lr_multipliers()
+        return {
+            "nested/lr_multiplier_core": mults[0],
+            "nested/lr_multiplier_memory": mults[1] if len(mults) > 1 else 0.0,
+            "nested/meta_loss": float(self.last_meta_loss or 0.0),
+            "nested/controller_grad_norm": float(self.controller_grad_norm),
+            "nested/momentum_avg_norm": self.get_momentum_stats().get("momentum_avg_norm", 0.0),
+        }
 
     def get_lr_multipliers(self) -> list[float]:
         """Latest controller multipliers, [core, memory]."""

@@ -196,14 +196,7 @@ class Trainer:
                     for g in opt.param_groups}
         if not isinstance(opt, DeepNestedOptimizer):
             return {}
-        mults = opt.get_lr_multipliers()
-        return {
-            "nested/lr_multiplier_core": mults[0],
-            "nested/lr_multiplier_memory": mults[1] if len(mults) > 1 else 0.0,
-            "nested/meta_loss": float(opt.last_meta_loss or 0.0),
-            "nested/controller_grad_norm": float(opt.controller_grad_norm),
-            "nested/momentum_avg_norm": opt.get_momentum_stats().get("momentum_avg_norm", 0.0),
-        }
+        return opt.nested_metrics()
 
     # -- evaluation and checkpoints ---------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
