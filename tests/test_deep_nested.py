@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +22,9 @@ from nestlearn.optim.meta_trainer import (
 )
 from nestlearn.optim.param_groups import group_titans_params, infer_param_depth
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These problems are tiny: one thread avoids thread-pool overhead dominating on busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 class TinyTitan(nn.Module):

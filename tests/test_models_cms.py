@@ -3,7 +3,6 @@ training-time level clocks and ad-hoc level stacking from a Transformer++ checkp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,11 @@ from nestlearn.optim.level_clock import (
 )
 from nestlearn.train.checkpoint import CheckpointError, save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, D, L, H = 31, 16, 2, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_config(type_: str = "hope_attention", **cms: object) -> ModelConfig:

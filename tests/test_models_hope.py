@@ -3,8 +3,6 @@ training, and in-context CMS (no leakage, meta-learning through the updates, it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +11,8 @@ from nestlearn.config import ModelConfig
 from nestlearn.config.schema import CMSConfig, SelfRefConfig, TitansConfig
 from nestlearn.models import available, build
 from nestlearn.models.hope import HopeLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, D, L, H = 31, 16, 2, 2
 TYPES = ("hope", "hope_attention", "hope_attn_titans")
@@ -26,12 +26,6 @@ CMS_VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_config(type_: str = "hope_attention", n_layers: int = L, **cms: object) -> ModelConfig:

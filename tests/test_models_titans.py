@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +21,8 @@ from nestlearn.models.attention import PrefixAttention
 from nestlearn.models.layers import apply_rotary
 from nestlearn.models.titans import MACBlock, TitansMAC, TitansStream
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 50
 KINDS = ["titans_mac", "titans_mag", "titans_mal", "titans_lmm"]
 # segment 4, memory chunk 3 and window 3: T = 11 ends inside a segment and inside a chunk.
@@ -29,12 +30,6 @@ TINY = TitansConfig(memory_heads=2, memory_head_dim=4, memory_chunk_size=3, memo
                     segment_size=4, window=3, n_persistent=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(kind: str, seed: int = 0, layers: int = 2, **titans: Any) -> TitansMAC | TitansStream:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,6 +14,8 @@ from nestlearn.optim.dmgd import DeepMomentumGD
 from nestlearn.optim.m3 import M3
 from nestlearn.optim.momentum import DeltaMomentum, PreconditionedMomentum
 from nestlearn.optim.newton_schulz import newton_schulz
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 GradFn = Callable[[torch.Tensor], torch.Tensor]
@@ -38,13 +40,6 @@ def _run_on(opt_factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     return w.detach(), opt
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """These matrices are tiny: intra-op threads only add contention (10x slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _w0(shape: tuple[int, int] = (3, 5), seed: int = 0) -> torch.Tensor:

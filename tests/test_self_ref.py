@@ -5,8 +5,6 @@ recall key/value pairs in context."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import Tensor
@@ -22,15 +20,11 @@ from nestlearn.memory.self_ref import (
 from nestlearn.memory.self_ref_reference import reference_self_ref
 from nestlearn.memory.state import MemoryWeights
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_layer(seed: int = 0, **overrides: object) -> SelfRefTitans:

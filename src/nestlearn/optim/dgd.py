@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from nestlearn.optim.closure import evaluate_closure
 from nestlearn.optim.momentum import Params
 
 
@@ -148,10 +149,7 @@ class DeltaGradientDescent(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             lr = group["lr"]
             for p in group["params"]:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 
+from nestlearn.optim.closure import evaluate_closure
 from nestlearn.optim.momentum import Params
 from nestlearn.optim.newton_schulz import adamw_fallback_step, as_matrix, newton_schulz
 
@@ -111,10 +112,7 @@ class DeepMomentumGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         position = 0
         for group in self.param_groups:
             use_ns = group["nonlinearity"] == "newton_schulz"

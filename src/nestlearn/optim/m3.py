@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from nestlearn.optim.closure import evaluate_closure
 from nestlearn.optim.momentum import Params
 from nestlearn.optim.newton_schulz import adamw_fallback_step, newton_schulz
 
@@ -99,10 +100,7 @@ class M3(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

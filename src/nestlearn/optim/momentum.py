@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from nestlearn.optim.closure import evaluate_closure
 from nestlearn.optim.newton_schulz import as_matrix
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -73,10 +74,7 @@ class DeltaMomentum(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -158,10 +156,7 @@ class PreconditionedMomentum(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
