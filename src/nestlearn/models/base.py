@@ -7,12 +7,14 @@ subclassing it and registering a builder; nothing else needs to know its interna
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from nestlearn.config.schema import ModelConfig
+from nestlearn.models.layers import RMSNorm, RotaryEmbedding
 
 
 class LanguageModel(nn.Module, ABC):
@@ -27,6 +29,23 @@ class LanguageModel(nn.Module, ABC):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+
+    def build_trunk(self, blocks: Iterable[nn.Module]) -> None:
+        """The parts every model here shares: token embedding, RoPE table, `blocks`, final
+        RMSNorm and output head. Call `tie_head()` after initialising the weights."""
+        cfg = self.config
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set")
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def tie_head(self) -> None:
+        """Share the embedding matrix with the output head when `tie_embeddings` asks for it."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     @abstractmethod
     def forward(self, ids: torch.Tensor, state: Any | None = None) -> tuple[torch.Tensor, Any]:

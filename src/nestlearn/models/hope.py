@@ -59,7 +59,6 @@ from nestlearn.models.layers import (
     CausalSelfAttention,
     LayerKV,
     RMSNorm,
-    RotaryEmbedding,
     swiglu_hidden,
 )
 from nestlearn.models.registry import register
@@ -170,18 +169,11 @@ class HopeLM(LanguageModel):
     def __init__(self, cfg: ModelConfig, memory: NeuralMemoryConfig | None = None,
                  self_ref: SelfRefTitansConfig | None = None) -> None:
         super().__init__(cfg)
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
-        self.blocks = nn.ModuleList(HopeBlock(cfg, memory, self_ref) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.build_trunk(HopeBlock(cfg, memory, self_ref) for _ in range(cfg.n_layers))
         self.in_context = cfg.cms.in_context
         self.segment_size = min(cfg.cms.chunk_sizes)
         self.reset_parameters()
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_head()
 
     def hope_blocks(self) -> list[HopeBlock]:
         blocks = []

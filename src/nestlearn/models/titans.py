@@ -62,7 +62,6 @@ from nestlearn.models.base import LanguageModel
 from nestlearn.models.layers import (
     LayerKV,
     RMSNorm,
-    RotaryEmbedding,
     SwiGLU,
     apply_rotary,
     swiglu_hidden,
@@ -320,16 +319,9 @@ class TitansLM(LanguageModel, Generic[LayerStateT]):
 
     def __init__(self, cfg: ModelConfig, make_block: Callable[[ModelConfig], TitansBlock]) -> None:
         super().__init__(cfg)
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
-        self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.build_trunk(make_block(cfg) for _ in range(cfg.n_layers))
         self.reset_parameters()
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_head()
 
     def reset_parameters(self) -> None:
         """As Transformer++: every linear and embedding weight N(0, init_std), the projections

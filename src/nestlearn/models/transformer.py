@@ -18,7 +18,6 @@ from nestlearn.models.layers import (
     CausalSelfAttention,
     LayerKV,
     RMSNorm,
-    RotaryEmbedding,
     SwiGLU,
     swiglu_hidden,
 )
@@ -64,16 +63,9 @@ class TransformerPP(LanguageModel):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta, cfg.max_seq_len)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.build_trunk(Block(cfg) for _ in range(cfg.n_layers))
         self.reset_parameters()
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_head()
 
     def reset_parameters(self) -> None:
         """N(0, init_std) weights; residual-branch outputs scaled by 1/sqrt(2 n_layers) (GPT-2),
