@@ -16,6 +16,7 @@ step of the explicit-mode unroll, so the meta-gradient is the gradient of what r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ EPS = 1e-8
 LOSS_EMA = 0.9  # running mean of the loss that the controller compares against
 REGRESSION_COORDS = 4096  # coordinates per tensor kept for the L2 regression objective
 META_GRAD_CLIP = 1.0
-MLP_CHUNK = 8192  # momentum-MLP rows per [rows, hidden] activation block (~2 MB at 64)
+MLP_CHUNK = 16384  # momentum-MLP rows per [rows, hidden] activation block (~4 MB at 64)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ContinuumMemoryState:
     fires: tuple[int, ...]
     second_moment: Tensor
     steps: int = 0
+    owned: bool = dataclasses.field(default=False, compare=False, repr=False)
 
     @classmethod
     def zeros_like(cls, param: Tensor, frequencies: Sequence[int]) -> ContinuumMemoryState:
@@ -89,6 +91,45 @@ class ContinuumMemoryState:
         second = torch.addcmul(self.second_moment * BETA2, grad, grad, value=1.0 - BETA2)
         return ContinuumMemoryState(self.frequencies, tuple(accumulators), tuple(momenta),
                                     tuple(fires), second, step)
+
+    def advanced_(self, grad: Tensor) -> ContinuumMemoryState:
+        """`advanced(grad)` computed in place (no autograd): the real step's fast path.
+
+        Same operations, so the same values as `advanced`; the tensors are updated where they
+        are, so this state must own them (`owned`), else they are copied first: a fresh state
+        shares one zero tensor, and a loaded or exported one shares its tensors with the dict.
+        """
+        state = self if self.owned else self.detached_copy()
+        step = state.steps + 1
+        fires = []
+        for freq, acc, mom, n in zip(state.frequencies, state.accumulators, state.momenta,
+                                     state.fires, strict=True):
+            if freq == 1:
+                mom.lerp_(grad, 1.0 - BETA)
+                n += 1
+            else:
+                acc.add_(grad)
+                if step % freq == 0:
+                    mom.lerp_(acc.div_(freq), 1.0 - BETA)
+                    acc.zero_()
+                    n += 1
+            fires.append(n)
+        state.second_moment.mul_(BETA2).addcmul_(grad, grad, value=1.0 - BETA2)
+        return ContinuumMemoryState(state.frequencies, state.accumulators, state.momenta,
+                                    tuple(fires), state.second_moment, step, owned=True)
+
+    def detached_copy(self) -> ContinuumMemoryState:
+        """A copy owning distinct tensors (a frequency-1 level's accumulator stays shared zero)."""
+        zero = torch.zeros_like(self.second_moment)
+        accs = tuple(zero if f == 1 else a.detach().clone()
+                     for f, a in zip(self.frequencies, self.accumulators, strict=True))
+        return ContinuumMemoryState(self.frequencies, accs,
+                                    tuple(m.detach().clone() for m in self.momenta), self.fires,
+                                    self.second_moment.detach().clone(), self.steps, owned=True)
+
+    def disowned(self) -> ContinuumMemoryState:
+        """This state, marked as sharing its tensors (the next `advanced_` copies them)."""
+        return dataclasses.replace(self, owned=False) if self.owned else self
 
     def fired_levels(self) -> list[int]:
         """Levels that fired on the latest advance."""
@@ -163,6 +204,40 @@ class L2RegressionMomentum(nn.Module):
         return torch.cat([
             torch.addmv(base[i:i + MLP_CHUNK], (raw[i:i + MLP_CHUNK] @ w_in).sigmoid_(), w_out)
             for i in range(0, raw.shape[0], MLP_CHUNK)])
+
+    @torch.no_grad()
+    def direction_into(self, out: Tensor, columns: Sequence[Tensor], second_moment: Tensor,
+                       v_corr: float, coef: Tensor, with_hidden: bool,
+                       workspace: tuple[Tensor, Tensor, Tensor]) -> None:
+        """`direction(raw, coef)` written into `out` (no autograd), the inputs made per chunk.
+
+        raw = [columns] / s with s = √(v · v_corr + ε²) (`ContinuumMemoryState.scale` and
+        `inputs`), built `chunk` rows at a time into reused buffers, so neither raw, s nor the
+        `[N, hidden]` activation ever exists for all N rows: the same operations as `direction`
+        on the same values, only never leaving cache-sized blocks. `workspace` is
+        `(raw [chunk, n_inputs], scale [chunk], activation [chunk, hidden])`, reused across
+        calls so that no step allocates (and page-faults in) multi-megabyte blocks.
+        """
+        n_rows = out.shape[0]
+        lin_w = self.skip * coef
+        w_in = (self.hidden.weight * (2.0 * coef)).t()
+        w_out = 2.0 * self.out.weight.reshape(-1)
+        w_sum = self.out.weight.sum()
+        raw_buf, scale_buf, act_buf = workspace
+        chunk = raw_buf.shape[0]
+        for i in range(0, n_rows, chunk):
+            n = min(chunk, n_rows - i)
+            raw, scale, dst = raw_buf[:n], scale_buf[:n], out[i:i + n]
+            torch.mul(second_moment[i:i + n], v_corr, out=scale)
+            scale.add_(EPS * EPS).sqrt_()
+            torch.stack([c[i:i + n] for c in columns], dim=-1, out=raw)
+            raw.div_(scale.unsqueeze(-1))
+            torch.mv(raw, lin_w, out=dst)
+            if with_hidden:
+                dst.sub_(w_sum)
+                act = act_buf[:n]
+                torch.mm(raw, w_in, out=act)
+                dst.addmv_(act.sigmoid_(), w_out)
 
     def regression_loss(self, features: Tensor, targets: Tensor) -> Tensor:
         """½ mean (u(x) − y)²: the memory's inner L2 objective."""
@@ -317,6 +392,7 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
         self.controller_grad_norm = 0.0
         self._mults = torch.ones(len(self.param_groups))
         self._pending: _Pending | None = None
+        self._workspace: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     # ----------------------------------------------------------------- the update rule
     def _rule(self, active: list[int], params: list[Tensor], grads: list[Tensor], carry: _Carry,
@@ -327,15 +403,7 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
             grads = [g * coef for g in grads]
         states = [s.advanced(g) for s, g in zip(carry.states, grads, strict=True)]
-        ref = grads[0]
-        grad_sq = torch.stack([
-            sum((_sq_norm(g) for i, g in zip(active, grads, strict=True)
-                 if self._group_of[i] == gi), ref.new_zeros(()))
-            for gi in range(len(self.param_groups))
-        ])
-        context = controller_features(loss, carry.ema_loss, grad_sq, carry.step,
-                                      self._group_depths, self._group_is_memory)
-        mults = self.controller(context)
+        context, mults = self._control(active, grads, loss, carry.ema_loss, carry.step)
         # A zero output layer makes the hidden path exactly zero; only an autograd graph
         # (the explicit-mode unroll) still needs it, for the gradient of that layer.
         with_hidden = torch.is_grad_enabled() or bool(self.momentum_mlp.out.weight.any())
@@ -356,6 +424,80 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
             ema = loss if ema is None else LOSS_EMA * ema + (1.0 - LOSS_EMA) * loss
         return (new_params, _Carry(states, ema, carry.step + 1),
                 _StepAux(context, mults, directions, inputs, scales))
+
+    def _control(self, active: list[int], grads: list[Tensor], loss: Tensor | None,
+                 ema_loss: Tensor | None, step: int) -> tuple[Tensor, Tensor]:
+        """The controller's features and its per-group multipliers for one step."""
+        ref = grads[0]
+        grad_sq = torch.stack([
+            sum((_sq_norm(g) for i, g in zip(active, grads, strict=True)
+                 if self._group_of[i] == gi), ref.new_zeros(()))
+            for gi in range(len(self.param_groups))
+        ])
+        context = controller_features(loss, ema_loss, grad_sq, step,
+                                      self._group_depths, self._group_is_memory)
+        return context, self.controller(context)
+
+    @torch.no_grad()
+    def _apply(self, active: list[int], params: list[nn.Parameter], grads: list[Tensor],
+               loss: Tensor | None, ema_loss: Tensor | None, remember: bool) -> Tensor:
+        """The real step, in place: `_rule(..., clip=False)` without its autograd-friendly copies.
+
+        The same operations on the same values as `_rule` (CMS states advanced in place by
+        `advanced_`, the momentum MLP run by `direction_into`, parameters updated by an
+        in-place addcmul), so the real step is still the step the meta-objective differentiates.
+        Returns the controller's multipliers; records the step for a meta-update if `remember`.
+        """
+        states = []
+        for p, g in zip(params, grads, strict=True):
+            state = self.state[p]["cms"].advanced_(g)
+            self.state[p]["cms"] = state
+            states.append(state)
+        context, mults = self._control(active, grads, loss, ema_loss, self.global_step - 1)
+        mlp = self.momentum_mlp
+        with_hidden = bool(mlp.out.weight.any())
+        step_sizes = self._lrs() * mults
+        workspace = self._workspace_for(params[0], max(p.numel() for p in params))
+        directions, samples, features, scales = [], [], [], []
+        for i, p, g, s in zip(active, params, grads, states, strict=True):
+            group = self.param_groups[self._group_of[i]]
+            v_corr = 1.0 / (1.0 - BETA2 ** max(s.steps, 1))
+            coef = g.new_tensor([1.0] + [1.0 / (1.0 - BETA ** n) if n else 0.0 for n in s.fires])
+            columns = [g.reshape(-1), *(m.reshape(-1) for m in s.momenta)]
+            # The direction is kept (a fresh tensor) only when recorded for a meta-update.
+            u = g.new_empty(g.numel()) if remember else workspace[3][:g.numel()]
+            mlp.direction_into(u, columns, s.second_moment.reshape(-1), v_corr, coef,
+                               with_hidden, workspace[:3])
+            d = u.view_as(p)
+            if group["weight_decay"]:
+                d.add_(p, alpha=group["weight_decay"])
+            p.addcmul_(step_sizes[self._group_of[i]], d, value=-1.0)
+            if remember:
+                idx = _sample_index(g.numel(), self.global_step, g.device)
+                scale = torch.sqrt(s.second_moment.reshape(-1)[idx] * v_corr + EPS * EPS)
+                raw = torch.stack([c[idx] for c in columns], dim=-1) / scale.reshape(-1, 1)
+                directions.append(d)
+                samples.append(idx)
+                features.append(raw * coef)
+                scales.append(scale)
+        if remember:
+            self._pending = _Pending(active=active, context=context.detach(), lrs=self._lrs(),
+                                     directions=directions, samples=samples, features=features,
+                                     scales=scales)
+        return mults
+
+    def _workspace_for(self, ref: Tensor, numel: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Reused scratch of `_apply`: `direction_into`'s blocks and a direction of `numel`."""
+        ws = self._workspace
+        hidden = self.momentum_mlp.hidden.out_features
+        if (ws is None or ws[3].numel() < numel or ws[0].device != ref.device
+                or ws[0].dtype != ref.dtype):
+            rows = min(MLP_CHUNK, numel)
+            n_in = self.momentum_mlp.hidden.in_features
+            ws = (ref.new_empty(rows, n_in), ref.new_empty(rows), ref.new_empty(rows, hidden),
+                  ref.new_empty(numel))
+            self._workspace = ws
+        return ws
 
     def _lrs(self) -> Tensor:
         ref = self._params[0]
@@ -400,31 +542,17 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
         ref = params[0]
         loss = None if loss_value is None else ref.new_tensor(float(loss_value))
         ema = None if self.ema_loss is None else ref.new_tensor(self.ema_loss)
-        carry = _Carry([self.state[p]["cms"] for p in params], ema, self.global_step - 1)
-        new_params, carry, aux = self._rule(active, [p.detach() for p in params], grads, carry,
-                                            loss, clip=False)
-        for p, new, s in zip(params, new_params, carry.states, strict=True):
-            p.copy_(new)
-            self.state[p]["cms"] = s
-        self.ema_loss = None if carry.ema_loss is None else float(carry.ema_loss)
-        self._mults = aux.mults.detach().cpu()
         distance = self.meta_update_freq - self.global_step % self.meta_update_freq
-        if simple and distance <= self.k_unroll:
-            self._remember(active, aux)
+        mults = self._apply(active, params, grads, loss, ema,
+                            remember=simple and distance <= self.k_unroll)
+        if loss is not None:
+            ema = loss if ema is None else LOSS_EMA * ema + (1.0 - LOSS_EMA) * loss
+        self.ema_loss = None if ema is None else float(ema)
+        self._mults = mults.detach().cpu()
         result.update(global_step=self.global_step, lr_multipliers=self.get_lr_multipliers(),
-                      grad_norm=float(grad_norm), cms_fired=carry.states[0].fired_levels())
+                      grad_norm=float(grad_norm),
+                      cms_fired=self.state[params[0]]["cms"].fired_levels())
         return result
-
-    def _remember(self, active: list[int], aux: _StepAux) -> None:
-        samples = [_sample_index(raw.shape[0], self.global_step, raw.device)
-                   for raw, _ in aux.inputs]
-        self._pending = _Pending(
-            active=active, context=aux.context.detach(), lrs=self._lrs(),
-            directions=[d.detach() for d in aux.directions], samples=samples,
-            features=[(raw[idx] * coef).detach()
-                      for (raw, coef), idx in zip(aux.inputs, samples, strict=True)],
-            scales=[s.reshape(-1)[idx].detach()
-                    for s, idx in zip(aux.scales, samples, strict=True)])
 
     def _complete_pending(self, next_grads: dict[int, Tensor]) -> None:
         pending, self._pending = self._pending, None
@@ -535,7 +663,7 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
         return {
             "param_groups": [{"lr": g["lr"], "weight_decay": g["weight_decay"],
                               "n_params": len(g["params"])} for g in self.param_groups],
-            "state": [self.state[p]["cms"].to_dict() for p in self._params],
+            "state": [self._export_cms(p) for p in self._params],
             "momentum_mlp": self.momentum_mlp.state_dict(),
             "controller": self.controller.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
@@ -547,6 +675,12 @@ class DeepNestedOptimizer(torch.optim.Optimizer):
             "controller_grad_norm": self.controller_grad_norm,
             "lr_multipliers": self._mults.clone(),
         }
+
+    def _export_cms(self, p: Tensor) -> dict[str, Any]:
+        """p's CMS state as a dict sharing its tensors; later steps copy them before updating."""
+        state: ContinuumMemoryState = self.state[p]["cms"].disowned()
+        self.state[p]["cms"] = state
+        return state.to_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict["param_groups"]
