@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -27,6 +26,9 @@ from torch import Tensor
 from nestlearn.memory.self_ref import SelfRefTitans, SelfRefTitansConfig
 from nestlearn.memory.self_ref_reference import reference_self_ref
 from nestlearn.utils.io import atomic_write_json
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory_throughput import time_train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,17 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--out", default="benchmarks/results/self_ref_throughput.json")
     return p.parse_args(argv)
-
-
-def time_train(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
-    """Best wall time of forward + backward over ``repeats`` runs after one warm-up."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        torch.autograd.backward(fn(x).square().mean())
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 def run_layer(layer: SelfRefTitans) -> Callable[[Tensor], Tensor]:
