@@ -77,8 +77,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
         self.loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
         # Meta-batches of the explicit-mode nested optimizer: training windows, own stream.
-        self.meta_loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len,
-                                       cfg.seed + 1)
+        explicit = cfg.optimizer.type == "nested" and cfg.optimizer.nested_optimizer.mode == "explicit"
+        self.meta_loader = (BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len,
+                                        cfg.seed + 1) if explicit else None)
         self.state = TrainState()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.losses: list[float] = []  # per-step training loss of this process, for tests/reports
@@ -106,7 +107,8 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if name in pending:
                 p.grad = pending[name].to(p.device)
-        self.meta_loader.load_state_dict(saved["meta_data"])
+        if self.meta_loader is not None and "meta_data" in saved:
+            self.meta_loader.load_state_dict(saved["meta_data"])
         self.log(f"resumed from {path} at step {self.state.step}")
         return True
 
@@ -173,7 +175,7 @@ class Trainer:
         opt = self.optimizer
         assert isinstance(opt, DeepNestedOptimizer)
         n = self.cfg.optimizer.nested_optimizer
-        if n.mode != "explicit" or opt.global_step % n.meta_update_freq:
+        if self.meta_loader is None or opt.global_step % n.meta_update_freq:
             return
         x, y = self.meta_loader.next_batch()
         batch = (x.to(self.device), y.to(self.device))
@@ -207,8 +209,10 @@ class Trainer:
         return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
 
     def _checkpoint(self) -> None:
-        trainer_state = {"train": self.state.__dict__, "data": self.loader.state_dict(),
-                         "meta_data": self.meta_loader.state_dict()}
+        trainer_state: dict[str, Any] = {"train": self.state.__dict__,
+                                         "data": self.loader.state_dict()}
+        if self.meta_loader is not None:
+            trainer_state["meta_data"] = self.meta_loader.state_dict()
         # Slow levels on level clocks hold a half-accumulated chunk in .grad: keep it.
         pending = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()
                    if p.grad is not None}
