@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -43,6 +44,14 @@ def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """Squared error summed over features, averaged over the batch: a per-sample loss, so
     each sample's surprise (its own gradient) is O(1) rather than shrunk by 1/dim."""
     return (prediction - target).pow(2).sum(-1).mean()
+
+
+def save_figure(fig: Any, out: Path) -> None:
+    """Write a matplotlib figure to `out` (creating its folder) and say where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {out}")
 
 
 def main(argv: list[str] | None = None) -> LevelHistory:
@@ -78,10 +87,7 @@ def main(argv: list[str] | None = None) -> LevelHistory:
             ax.axvline(step, color=color, lw=0.5, alpha=0.4, label=f"{level} fires" if i == 0 else None)
     ax.set(xlabel="step", ylabel="loss", title="CMS level clocks on a synthetic regression")
     ax.legend()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    print(f"plot: {args.out}")
+    save_figure(fig, args.out)
     return history
 
 

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from cms_quickstart import regression_task, squared_error
+from cms_quickstart import regression_task, save_figure, squared_error
 
 from nestlearn.train.level_loop import (
     LevelHistory,
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, LevelHistory]:
     right.set(yscale="log", xlabel="step", ylabel="weighted aux loss",
               title="surprise prediction loss per level")
     right.legend()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    print(f"plot: {args.out}")
+    save_figure(fig, args.out)
     return runs
 
 
