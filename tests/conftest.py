@@ -47,6 +47,24 @@ def tiny_overrides(root: Path) -> list[str]:
     ]
 
 
+def overfit(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Next-token loss of `ids` before and after `steps` full-batch AdamW steps on it (lr 1e-2,
+    no decay): the "can it memorise a repeated sequence" check every architecture gets."""
+
+    def loss_now() -> torch.Tensor:
+        logits, _ = model(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = loss_now().item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_now().backward()
+        optimizer.step()
+    return first, loss_now().item()
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import overfit
 from nestlearn.config import ModelConfig
 from nestlearn.models import KVCache, TransformerPP, build
 from nestlearn.models.layers import RotaryEmbedding, apply_rotary, swiglu_hidden
@@ -187,18 +188,6 @@ def test_overfits_a_repeated_sequence() -> None:
     model = build(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2))
     pattern = ids_of(1, 8, seed=9)
     ids = pattern.repeat(4, 3)  # (4, 24): the same 8 tokens, three times per row
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-
-    def loss_now() -> torch.Tensor:
-        logits, _ = model(ids[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
-
-    first = loss_now().item()
-    for _ in range(100):
-        optimizer.zero_grad()
-        loss = loss_now()
-        loss.backward()
-        optimizer.step()
-    last = loss_now().item()
+    first, last = overfit(model, ids, steps=100)
     assert first > 3.5  # about ln(50) = 3.9 at init
     assert last < first / 100
