@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import resource
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from nestlearn.config import ConfigError, RunConfig, load_config
 from nestlearn.models import build
+from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.seeding import seed_everything
 
@@ -90,6 +92,8 @@ def bench_config(name: str, cfg: RunConfig, args: argparse.Namespace, device: to
     vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
     seed_everything(cfg.seed)
     model = build(dataclasses.replace(cfg.model, vocab_size=vocab)).to(device)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]),
                                   eps=opt.eps, weight_decay=opt.weight_decay)
@@ -124,19 +128,22 @@ def bench_config(name: str, cfg: RunConfig, args: argparse.Namespace, device: to
         "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
         "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
         "final_loss": float(loss.item()),
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        # the process's resident high-water mark so far (covers this and earlier configs)
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (f"{'config':<28} {'params':>9} {'B':>4} {'T':>5} {'step ms':>9} {'tok/s':>10} "
-              f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'MFU':>7}")
+              f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'MFU':>7} {'max RSS':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['config']:<28} {r['params'] / 1e6:>8.2f}M {r['batch_size']:>4} {r['seq_len']:>5} "
               f"{r['step_s_median'] * 1e3:>9.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['flops_per_token'] / 1e6:>10.2f} {r['achieved_flops'] / 1e9:>9.2f} "
-              f"{r['mfu'] * 100:>6.1f}%")
+              f"{r['mfu'] * 100:>6.1f}% {r['max_rss_mb']:>7.0f}MB")
 
 
 def load_named(name: str, overrides: list[str]) -> RunConfig | None:

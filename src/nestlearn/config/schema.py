@@ -355,6 +355,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (step skipped) before failing
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def check(self, where: str) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",

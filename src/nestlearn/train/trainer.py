@@ -25,6 +25,7 @@ from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
 from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
 from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
+from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
 from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from nestlearn.train.metrics import make_sinks
 from nestlearn.train.progress import Progress
@@ -73,6 +74,8 @@ class Trainer:
         self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
         self.device = resolve_device(cfg.train.device)
         self.model = model.to(self.device)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
         self.loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
