@@ -36,7 +36,8 @@ def make_layer(seed: int = 0, **overrides: object) -> SelfRefTitans:
     layer = SelfRefTitans(SelfRefTitansConfig(**options)).to(F64)  # type: ignore[arg-type]
     with torch.no_grad():
         layer.readout_bias[0].fill_(-1.0)
-        layer.readout_bias[1].fill_(2.0)
+        if layer.config.weight_decay:
+            layer.readout_bias[1].fill_(2.0)
         if layer.conv_weight is not None:
             layer.conv_weight.add_(0.3 * torch.randn_like(layer.conv_weight))
         if layer.momentum_logit is not None:
@@ -78,6 +79,62 @@ def test_chunked_fast_path_equals_chunkwise_reference(other_chunk: int, memory_c
     x = inputs(t)
     y, _ = layer(x)
     torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+
+
+ABLATIONS = {
+    "static_k": {"static_projections": ("q", "k")},
+    "static_v": {"static_projections": ("q", "v")},
+    "static_kvq": {"static_projections": ("q", "k", "v")},
+    "generated_q": {"static_projections": ()},
+    "no_weight_decay": {"weight_decay": False},
+    "no_weight_decay_no_dgd": {"weight_decay": False, "dgd": False},
+}
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+@pytest.mark.parametrize(("other_chunk", "memory_chunk", "t"), [(1, 1, 7), (3, 3, 10), (3, 4, 11)])
+def test_ablations_fast_path_equals_reference(ablation: str, other_chunk: int, memory_chunk: int,
+                                              t: int) -> None:
+    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk, **ABLATIONS[ablation])
+    x = inputs(t)
+    y, _ = layer(x)
+    torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("ablation", ["static_k", "generated_q", "no_weight_decay"])
+def test_ablations_stream_and_differentiate_like_the_reference(ablation: str) -> None:
+    layer = make_layer(other_chunk_size=3, memory_chunk_size=3, **ABLATIONS[ablation])
+    x = inputs(10).requires_grad_()
+    y, state = layer(x)
+    parts, split_state = [], None
+    for a, b in ((0, 2), (2, 7), (7, 10)):
+        out, split_state = layer(x[:, a:b], split_state)
+        parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 1), y, rtol=1e-9, atol=1e-10)
+    assert split_state is not None
+    assert_states_close(split_state, state)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [*layer.parameters(), x]
+    target = inputs(10, seed=5)
+    fast = torch.autograd.grad((y - target).square().sum(), params)
+    ref = torch.autograd.grad((reference_self_ref(layer, x) - target).square().sum(), params)
+    for name, g_fast, g_ref in zip([*names, "x"], fast, ref, strict=True):
+        assert g_ref.abs().max() > 0, name
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_ablation_options_shape_the_layer() -> None:
+    base = make_layer()
+    assert base.generated == ("k", "v", "eta", "alpha") and base.to_k is None and base.to_q is not None
+    static_k = make_layer(static_projections=("q", "k"))
+    assert static_k.generated == ("v", "eta", "alpha") and static_k.to_k is not None
+    assert static_k.other_init[0].shape[-3] == 3
+    generated_q = make_layer(static_projections=())
+    assert generated_q.generated == ("k", "v", "q", "eta", "alpha") and generated_q.to_q is None
+    no_decay = make_layer(weight_decay=False)
+    assert no_decay.generated == ("k", "v", "eta") and no_decay.readout_bias.shape[0] == 1
+    with pytest.raises(ValueError, match="static_projections"):
+        SelfRefTitansConfig(d_model=8, heads=2, head_dim=4, static_projections=("eta",))
 
 
 def test_chunk_size_changes_the_model() -> None:

@@ -198,8 +198,11 @@ class CMSConfig:
 @dataclass
 class SelfRefConfig:
     """The `model.self_ref:` block: the self-referential Titans mixer of `hope` (heads =
-    `model.n_heads`, head size d_model / n_heads). `dgd: false` and `momentum: false` are the
-    paper's ablation rows (plain gradient step; no momentum inside the memories). `v_norm`
+    `model.n_heads`, head size d_model / n_heads). The paper's ablation rows: `dgd: false`
+    (plain gradient step), `momentum: false` (no momentum inside the memories),
+    `weight_decay: false` (α_t ≡ 1, no forget gate), and `static_projections` (which of k, v, q
+    are static projections x W, i.e. moved to the lowest-frequency level; Hope's own is [q],
+    `[q, k]` or `[q, v]` are the ablations, `[]` generates q by a memory too). `v_norm`
     L2-normalises v as the paper does q and k: not in the paper, but without it the
     self-generated targets feed back and overflow within a few hundred tokens at our init."""
 
@@ -213,8 +216,14 @@ class SelfRefConfig:
     v_norm: bool = True
     conv_kernel: int = 4
     eta_max: float = 0.5
+    weight_decay: bool = True
+    static_projections: list[str] = field(default_factory=lambda: ["q"])
 
     def check(self, where: str) -> None:
+        static = self.static_projections
+        if len(set(static)) != len(static) or not set(static) <= {"k", "v", "q"}:
+            raise ConfigError(f"{where}.static_projections", static,
+                              "a list of distinct names among k, v, q (Hope: [q])")
         for name in ("depth", "memory_chunk_size", "other_chunk_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")

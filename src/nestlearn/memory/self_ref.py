@@ -73,8 +73,11 @@ from nestlearn.memory.mlp import (
 )
 from nestlearn.memory.state import MemoryWeights, Writes
 
-OTHER = ("k", "v", "eta", "alpha")
-"""Order of the four memories stacked on the "other" axis (dim -3 of their weights)."""
+GENERATORS = ("k", "v", "q", "eta", "alpha")
+"""The memories the "other" group can hold, in the order they are stacked (dim -3 of their
+weights); ``SelfRefTitansConfig.generated`` says which a layer has."""
+PROJECTIONS = ("k", "v", "q")
+"""The inputs that may instead be static projections x_t W (``static_projections``)."""
 
 # Initial readout biases: η ≈ η_max σ(-5) ≈ 0.0067 η_max (larger steps diverge at init, see
 # ``SelfRefTitansConfig``), α = σ(6) ≈ 0.9975, β = σ(0) = 0.5.
@@ -93,6 +96,12 @@ class SelfRefTitansConfig:
     (``False``: plain retention α W). ``qk_norm``: L2-normalise q and k. ``conv_kernel``:
     causal depthwise convolution of the inputs, 0 disables. ``eta_max``: bound of η_t.
     ``init_scale``: initial memory weights are N(0, init_scale² / fan_in).
+
+    Ablations of the paper's table: ``static_projections`` lists which of k, v, q are static
+    projections x_t W (moved to the lowest-frequency level: learned by the outer loop only)
+    instead of the output of an in-context memory M_k, M_v, M_q; Hope's own is ``("q",)``
+    (Eq. 84), ``()`` generates q by a memory M_q too. ``weight_decay=False`` fixes α_t ≡ 1 (no
+    M_α): the DGD decay becomes (I - η_t k_t k_tᵀ), the plain step W + S.
     """
 
     d_model: int
@@ -110,6 +119,8 @@ class SelfRefTitansConfig:
     conv_kernel: int = 4
     eta_max: float = 0.5
     init_scale: float = 1.0
+    static_projections: tuple[str, ...] = ("q",)
+    weight_decay: bool = True
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "head_dim", "memory_chunk_size", "other_chunk_size"):
@@ -124,10 +135,32 @@ class SelfRefTitansConfig:
             raise ValueError(f"eta_max must be > 0, got {self.eta_max}")
         if self.init_scale <= 0:
             raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+        static = self.static_projections
+        if len(set(static)) != len(static) or not set(static) <= set(PROJECTIONS):
+            raise ValueError(f"static_projections must be distinct names among {PROJECTIONS}, "
+                             f"got {static!r}")
         self.spec()  # validates depth, expansion, activation
 
     def spec(self) -> MemoryMLPSpec:
         return MemoryMLPSpec(self.head_dim, self.depth, self.expansion, self.activation, residual=True)
+
+    @property
+    def generated(self) -> tuple[str, ...]:
+        """The in-context memories of the "other" group, in stacking order."""
+        return tuple(n for n in GENERATORS if n not in self.static_projections
+                     and (n != "alpha" or self.weight_decay))
+
+
+@dataclass(frozen=True)
+class TokenWrites:
+    """What the "other" memories generate for a run of tokens: k_t (normalised), v_t and, when
+    q is generated, q_t ``(B, H, n, d)``; η_t and log α_t ``(B, H, n)``."""
+
+    k: Tensor
+    v: Tensor
+    q: Tensor | None
+    eta: Tensor
+    log_alpha: Tensor
 
 
 @dataclass(frozen=True)
@@ -146,7 +179,8 @@ class GroupState:
 class SelfRefState:
     """Everything ``SelfRefTitans`` carries between calls.
 
-    ``other``: chunk-start M_k, M_v, M_η, M_α (stacked on dim -3 in ``OTHER`` order);
+    ``other``: chunk-start memories of the "other" group (M_k, M_v, M_η, M_α by default;
+    stacked on dim -3 in ``SelfRefTitansConfig.generated`` order);
     ``other_buffer``: the per-head inputs x_t ``(B, H, p, d)`` of their current chunk.
     ``memory``: chunk-start M_memory; ``memory_buffer``: the writes of its current chunk, with
     ``Writes`` fields k_t, v_t, theta = η_t, log_eta = log β (``-inf`` without momentum),
@@ -306,15 +340,20 @@ class SelfRefTitans(nn.Module):
         super().__init__()
         self.config = config
         c, shapes = config, config.spec().shapes()
+        self.generated = c.generated
         self.conv_weight = nn.Parameter(torch.empty(c.d_model, 1, c.conv_kernel)) if c.conv_kernel else None
-        self.to_q = nn.Linear(c.d_model, c.d_model, bias=False)
-        self.other_init = nn.ParameterList(nn.Parameter(torch.empty(c.heads, len(OTHER), o, i))
+        self.to_q, self.to_k, self.to_v = (
+            nn.Linear(c.d_model, c.d_model, bias=False) if name in c.static_projections else None
+            for name in ("q", "k", "v"))
+        self.other_init = nn.ParameterList(nn.Parameter(torch.empty(c.heads, len(self.generated), o, i))
                                            for o, i in shapes)
         self.memory_init = nn.ParameterList(nn.Parameter(torch.empty(c.heads, o, i)) for o, i in shapes)
-        self.readout_weight = nn.Parameter(torch.empty(2, c.heads, c.head_dim))  # w_η, w_α
-        self.readout_bias = nn.Parameter(torch.empty(2, c.heads))  # b_η, b_α
-        # logit of β per head for M_k, M_v, M_η, M_α, M_memory
-        self.momentum_logit = nn.Parameter(torch.zeros(c.heads, len(OTHER) + 1)) if c.momentum else None
+        readouts = 2 if c.weight_decay else 1
+        self.readout_weight = nn.Parameter(torch.empty(readouts, c.heads, c.head_dim))  # w_η[, w_α]
+        self.readout_bias = nn.Parameter(torch.empty(readouts, c.heads))  # b_η[, b_α]
+        # logit of β per head for each "other" memory, then M_memory
+        self.momentum_logit = (nn.Parameter(torch.zeros(c.heads, len(self.generated) + 1))
+                               if c.momentum else None)
         self.to_out = nn.Linear(c.d_model, c.d_model, bias=False)
         self.reset_memory_parameters()
 
@@ -326,7 +365,8 @@ class SelfRefTitans(nn.Module):
                 w.normal_(0.0, c.init_scale / math.sqrt(w.shape[-1]))
             self.readout_weight.normal_(0.0, 1 / math.sqrt(c.head_dim))
             self.readout_bias[0].fill_(ETA_BIAS_INIT)
-            self.readout_bias[1].fill_(ALPHA_BIAS_INIT)
+            if c.weight_decay:
+                self.readout_bias[1].fill_(ALPHA_BIAS_INIT)
             if self.conv_weight is not None:
                 self.conv_weight.zero_()
                 self.conv_weight[..., -1] = 1.0
@@ -348,15 +388,15 @@ class SelfRefTitans(nn.Module):
                             Writes(vectors, vectors, empty, empty, empty), cache)
 
     def log_momentum(self) -> tuple[Tensor, Tensor] | None:
-        """log β of the other memories ``(H, 4)`` and of M_memory ``(H,)``; ``None`` if off."""
+        """log β of the other memories ``(H, n_other)`` and of M_memory ``(H,)``; ``None`` if off."""
         if self.momentum_logit is None:
             return None
         log_beta = F.logsigmoid(self.momentum_logit)
-        return log_beta[:, :len(OTHER)], log_beta[:, len(OTHER)]
+        return log_beta[:, :-1], log_beta[:, -1]
 
-    def project(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x ``(B, T, D)`` -> per-head inputs x_t and queries q_t = x_t W_q, both ``(B, H, T, d)``,
-        and the new convolution cache."""
+    def project(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x ``(B, T, D)`` -> per-head inputs x_t and static queries q_t = x_t W_q (``None`` when
+        M_q generates them), both ``(B, H, T, d)``, and the new convolution cache."""
         c = self.config
         if self.conv_weight is not None:
             if conv_cache is None:
@@ -365,26 +405,36 @@ class SelfRefTitans(nn.Module):
             conv_cache = padded[:, padded.shape[1] - (c.conv_kernel - 1):]
             x = F.conv1d(padded.transpose(1, 2), self.conv_weight, groups=c.d_model).transpose(1, 2)
         b, t = x.shape[:2]
-        q = self.to_q(x).view(b, t, c.heads, c.head_dim).transpose(1, 2)
-        if c.qk_norm:
-            q = F.normalize(q, dim=-1)
+        q = None
+        if self.to_q is not None:
+            q = self.to_q(x).view(b, t, c.heads, c.head_dim).transpose(1, 2)
+            if c.qk_norm:
+                q = F.normalize(q, dim=-1)
         return x.view(b, t, c.heads, c.head_dim).transpose(1, 2), q, conv_cache
 
-    def token_writes(self, other_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Outputs ``(B, H, 4, n, d)`` of M_k, M_v, M_η, M_α on x_t -> k_t (normalised), v_t
-        ``(B, H, n, d)``, η_t and log α_t ``(B, H, n)``."""
-        k, v, eta_out, alpha_out = other_out.unbind(-3)
-        if self.config.qk_norm:
+    def token_writes(self, other_out: Tensor, xs: Tensor) -> TokenWrites:
+        """Outputs ``(B, H, n_other, n, d)`` of the "other" memories on the per-head inputs xs
+        ``(B, H, n, d)`` -> the tokens' writes; a static k or v is projected from xs here."""
+        c = self.config
+        out = dict(zip(self.generated, other_out.unbind(-3), strict=True))
+        for name, proj in (("k", self.to_k), ("v", self.to_v)):
+            if proj is not None:
+                b, h, n, d = xs.shape
+                out[name] = proj(xs.transpose(-3, -2).reshape(b, n, h * d)).view(b, n, h, d).transpose(1, 2)
+        k, v, q = out["k"], out["v"], out.get("q")
+        if c.qk_norm:
             k = F.normalize(k, dim=-1)
-        if self.config.v_norm:
+            q = None if q is None else F.normalize(q, dim=-1)
+        if c.v_norm:
             v = F.normalize(v, dim=-1)
-        w, b = self.readout_weight, self.readout_bias
+        w, b_ = self.readout_weight, self.readout_bias
 
         def logit(y: Tensor, i: int) -> Tensor:
-            return (y * w[i, :, None, :]).sum(-1) + b[i, :, None]
+            return (y * w[i, :, None, :]).sum(-1) + b_[i, :, None]
 
-        eta = self.config.eta_max * torch.sigmoid(logit(eta_out, 0))
-        return k, v, eta, F.logsigmoid(logit(alpha_out, 1))
+        eta = c.eta_max * torch.sigmoid(logit(out["eta"], 0))
+        log_alpha = F.logsigmoid(logit(out["alpha"], 1)) if c.weight_decay else torch.zeros_like(eta)
+        return TokenWrites(k, v, q, eta, log_alpha)
 
     def readout(self, o: Tensor) -> Tensor:
         """o ``(B, H, T, d)`` -> ``(B, T, D)``."""
@@ -399,29 +449,34 @@ class SelfRefTitans(nn.Module):
         xh, q, cache = self.project(x, state.conv_cache)
         log_momentum = self.log_momentum()
         n_new = x.shape[1]
-        if c.other_chunk_size == c.memory_chunk_size and state.other_buffer.shape[-2] == state.memory_buffer.length:
+        if (q is not None and c.other_chunk_size == c.memory_chunk_size
+                and state.other_buffer.shape[-2] == state.memory_buffer.length):
             return self._forward_aligned(xh, q, state, log_momentum, cache)
 
-        # M_k, M_v, M_η, M_α: generate the writes of every new token, update per chunk.
+        # The "other" memories: generate the writes of every new token, update per chunk.
         p_other = state.other_buffer.shape[-2]
         x_stream = torch.cat([state.other_buffer, xh], dim=-2)
 
         def other_step(group: GroupState, start: int, first: int, end: int, complete: bool,
                        ) -> tuple[Tensor, GroupState | None]:
             xs = x_stream[..., start:end, :]
-            k, v, eta, log_alpha = self.token_writes(mlp_forward(group.weights.layers, xs.unsqueeze(-3), spec))
-            out = torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first - start:, :]
+            tw = self.token_writes(mlp_forward(group.weights.layers, xs.unsqueeze(-3), spec), xs)
+            parts = [tw.k, tw.v, tw.eta.unsqueeze(-1), tw.log_alpha.unsqueeze(-1)]
+            out = torch.cat(parts if tw.q is None else [*parts, tw.q], dim=-1)[..., first - start:, :]
             if not complete:
                 return out, None
-            v_hat = mlp_forward(group.weights.layers, v.unsqueeze(-3), spec)
-            grads = l2_loss_grads(group.weights.layers, k.unsqueeze(-3), v_hat, spec)
+            v_hat = mlp_forward(group.weights.layers, tw.v.unsqueeze(-3), spec)
+            grads = l2_loss_grads(group.weights.layers, tw.k.unsqueeze(-3), v_hat, spec)
             log_beta = None if log_momentum is None else log_momentum[0].unsqueeze(-1).expand(-1, -1, end - start)
-            return out, dgd_chunk_update(group, grads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2),
+            return out, dgd_chunk_update(group, grads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
                                          log_beta, c.dgd)
 
         outs, other = chunk_scan(state.other, x_stream.shape[-2], p_other, c.other_chunk_size, other_step)
-        packed = torch.cat(outs, dim=-2) if outs else xh.new_zeros(*xh.shape[:-1], 2 * c.head_dim + 2)
         d = c.head_dim
+        width = 2 * d + 2 + (d if q is None else 0)
+        packed = torch.cat(outs, dim=-2) if outs else xh.new_zeros(*xh.shape[:-1], width)
+        if q is None:
+            q = packed[..., 2 * d + 2:]  # generated by M_q
         eta = packed[..., 2 * d]
         log_beta = (torch.full_like(eta, -math.inf) if log_momentum is None
                     else log_momentum[1][:, None].expand_as(eta))
@@ -429,11 +484,12 @@ class SelfRefTitans(nn.Module):
 
         # M_memory: read o_t = M_memory,t'(q_t), update per chunk.
         p_mem = state.memory_buffer.length
+        queries = q
         stream = state.memory_buffer.cat(writes)
 
         def memory_step(group: GroupState, start: int, first: int, end: int, complete: bool,
                         ) -> tuple[Tensor, GroupState | None]:
-            o = mlp_forward(group.weights.layers, q[..., first - p_mem:end - p_mem, :], spec)
+            o = mlp_forward(group.weights.layers, queries[..., first - p_mem:end - p_mem, :], spec)
             if not complete:
                 return o, None
             w = stream.slice(start, end)
@@ -457,7 +513,7 @@ class SelfRefTitans(nn.Module):
         ``(B, H, 5, out, in)``, one pass per chunk. Same equations as the general path: the
         buffered tokens' writes are regenerated from the same chunk-start memories."""
         c, spec = self.config, self.config.spec()
-        n_other = len(OTHER)
+        n_other = len(self.generated)
         p = state.other_buffer.shape[-2]
         x_stream = torch.cat([state.other_buffer, xh], dim=-2)
         q_stream = F.pad(q, (0, 0, p, 0))  # buffered tokens' queries are never read
@@ -473,7 +529,7 @@ class SelfRefTitans(nn.Module):
                     else stack(state.other.momentum, state.memory.momentum))
         log_beta = None
         if log_momentum is not None:
-            log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, 5)
+            log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, n_other + 1)
         outs: list[Tensor] = []
         packs: list[Tensor] = []
         sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
@@ -487,7 +543,8 @@ class SelfRefTitans(nn.Module):
             inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]),
                              qs.unsqueeze(-3)], dim=-3)
             out = mlp_forward(weights, inp, spec)
-            k, v, eta, log_alpha = self.token_writes(out[..., :n_other, :, :])
+            tw = self.token_writes(out[..., :n_other, :, :], xs)
+            k, v, eta, log_alpha = tw.k, tw.v, tw.eta, tw.log_alpha
             outs.append(out[..., n_other, first:, :])
             packs.append(torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first:, :])
             if not complete:

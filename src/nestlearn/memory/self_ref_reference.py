@@ -73,9 +73,12 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
         if t % c.memory_chunk_size == 0:
             memory_anchor = memory
         x_t = xh[..., t:t + 1, :]
-        k, v, eta, log_alpha = module.token_writes(mlp_forward(other_anchor.layers, x_t.unsqueeze(-3), spec))
-        eta, alpha = eta[..., 0], log_alpha[..., 0].exp()  # (B, H)
-        outputs.append(mlp_forward(memory_anchor.layers, q[..., t:t + 1, :], spec))
+        writes = module.token_writes(mlp_forward(other_anchor.layers, x_t.unsqueeze(-3), spec), x_t)
+        k, v = writes.k, writes.v
+        eta, alpha = writes.eta[..., 0], writes.log_alpha[..., 0].exp()  # (B, H)
+        q_t = q[..., t:t + 1, :] if q is not None else writes.q
+        assert q_t is not None
+        outputs.append(mlp_forward(memory_anchor.layers, q_t, spec))
         other, other_mom = dgd_token_step(
             other, other_mom, other_anchor, k.unsqueeze(-3),
             mlp_forward(other_anchor.layers, v.unsqueeze(-3), spec),

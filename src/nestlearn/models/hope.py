@@ -83,8 +83,8 @@ def self_ref_config(cfg: ModelConfig) -> SelfRefTitansConfig:
         d_model=cfg.d_model, heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
         depth=s.depth, expansion=s.expansion, memory_chunk_size=s.memory_chunk_size,
         other_chunk_size=s.other_chunk_size, momentum=s.momentum, dgd=s.dgd, qk_norm=s.qk_norm,
-        v_norm=s.v_norm,
-        conv_kernel=s.conv_kernel, eta_max=s.eta_max)
+        v_norm=s.v_norm, conv_kernel=s.conv_kernel, eta_max=s.eta_max,
+        static_projections=tuple(s.static_projections), weight_decay=s.weight_decay)
 
 
 @dataclass(frozen=True)
