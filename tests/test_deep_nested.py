@@ -14,6 +14,7 @@ from nestlearn.optim.deep_nested import (
     ContinuumMemoryState,
     DeepNestedOptimizer,
     L2RegressionMomentum,
+    _Carry,
 )
 from nestlearn.optim.meta_trainer import (
     SimplifiedMetaTrainer,
@@ -155,6 +156,36 @@ def test_untrained_rule_is_adam() -> None:
         moved = (p.detach() - b).abs()
         assert torch.allclose(moved[p.grad != 0], torch.full_like(moved[p.grad != 0], 1e-2),
                               rtol=1e-3)
+
+
+def test_real_step_equals_the_differentiable_rule() -> None:
+    """The in-place step (`direction_into`, CMS advanced in place) is the pure `_rule` that the
+    meta-objectives differentiate: same parameters after several steps, float64, with a trained
+    (non-zero) hidden path, weight decay, clipping and CMS levels firing."""
+    torch.manual_seed(0)
+    model = TinyTitan().double()
+    opt = DeepNestedOptimizer(model, base_lr=1e-2, cms_frequencies=[1, 2, 3], weight_decay=0.1,
+                              max_grad_norm=0.5, meta_update_freq=1000)
+    with torch.no_grad():
+        opt.momentum_mlp.out.weight.normal_(0.0, 0.5)
+        opt.momentum_mlp.hidden.weight.normal_(0.0, 1.0)
+    x, y = data(dtype=torch.float64)
+    for step in range(5):
+        model.zero_grad()
+        loss = mse(model(x), y)
+        loss.backward()
+        params = [p.detach().clone() for p in opt._params]
+        grads = [p.grad.detach().clone() for p in opt._params if p.grad is not None]
+        assert len(grads) == len(params)
+        carry = _Carry([opt.state[p]["cms"] for p in opt._params],
+                       None if opt.ema_loss is None else torch.tensor(opt.ema_loss, dtype=torch.float64),
+                       opt.global_step)
+        with torch.no_grad():
+            expected, _, _ = opt._rule(list(range(len(params))), params, grads, carry,
+                                       loss.detach(), clip=True)
+        opt.step(loss.item())
+        for name, p, e in zip(opt._names, opt._params, expected, strict=True):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13, msg=f"{name} @ {step}")
 
 
 def test_clipping_bounds_the_applied_gradient() -> None:
