@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from conftest import tiny_overrides
 from nestlearn import pipeline
-from nestlearn.config import RunConfig
+from nestlearn.config import RunConfig, load_config
 from nestlearn.train.metrics import read_jsonl
 from nestlearn.train.trainer import Trainer
 
@@ -46,6 +47,21 @@ def test_tiny_model_learns_below_unigram_entropy(tiny_cfg: RunConfig, tiny_prepa
     assert train[-1] < train[0]
     assert [r["step"] for r in records if r["split"] == "val"] == [100, 200]
     assert (run_dir / "checkpoints" / "step_000200" / "model.safetensors").is_file()
+
+
+def test_hope_pilot_smoke_learns_the_default_corpus(tiny_root: Path, tiny_prepared: Any,
+                                                   tmp_path: Path) -> None:
+    """The HOPE smoke config (self-referential Titans -> CMS on level clocks), scaled down to
+    the tiny shapes, learns the default corpus well below its unigram entropy in 100 steps."""
+    cfg = load_config("hope/pilot_smoke", [
+        *tiny_overrides(tiny_root), f"out_dir={tmp_path / 'runs'}", "train.steps=100",
+        "train.batch_size=8", "train.eval_every=100", "train.ckpt_every=100"])
+    assert cfg.model.type == "hope" and cfg.optimizer.type == "chunked"
+    run_dir, final = pipeline.train(cfg, tiny_prepared, resume=None, log=QUIET)
+    entropy = tiny_prepared.stats["unigram_entropy_nats"]
+    assert final["val_loss"] < entropy - 0.25, (final["val_loss"], entropy)
+    train = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert train[-1] < train[0] - 0.4  # the first record is step 10 (log_every)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(tiny_cfg: RunConfig,
