@@ -61,6 +61,15 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
+def test_hope_reports_its_inner_loops() -> None:
+    from nestlearn.models.observe import inner_loop_stats
+
+    _, state = make("hope")(ids_of(2, 13))
+    stats = inner_loop_stats(state)
+    assert 0 < stats["memory/theta"] < 1 and 0 < stats["memory/alpha"] < 1
+    assert stats["memory/surprise_norm"] > 0
+
+
 def test_registered() -> None:
     assert set(TYPES) <= set(available())
     assert make("hope_attn_titans").hope_blocks()[0].memory is not None

@@ -137,6 +137,22 @@ def test_ablation_options_shape_the_layer() -> None:
         SelfRefTitansConfig(d_model=8, heads=2, head_dim=4, static_projections=("eta",))
 
 
+@pytest.mark.parametrize(("other_chunk", "memory_chunk"), [(4, 4), (3, 4)])
+def test_state_reports_the_inner_loop(other_chunk: int, memory_chunk: int) -> None:
+    """η_t, β, forget rate, surprise and momentum norms of M_memory come back with the state;
+    without momentum β and the momentum norm are exactly 0."""
+    x = inputs(10)
+    _, state = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk)(x)
+    assert state.stats is not None
+    stats = state.stats.as_dict()
+    assert 0 < stats["theta"] < 0.6 and 0 < stats["eta"] < 1 and 0 < stats["alpha"] < 1
+    assert stats["surprise_norm"] > 0 and stats["momentum_norm"] > 0
+    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk, momentum=False)
+    _, state = layer(x)
+    assert state.stats is not None
+    assert state.stats.eta == 0 and state.stats.momentum_norm == 0
+
+
 def test_chunk_size_changes_the_model() -> None:
     """Sanity check that the tests above compare something: C = 1 and C = 4 differ."""
     x = inputs(10)

@@ -71,7 +71,7 @@ from nestlearn.memory.mlp import (
     linear,
     mlp_forward,
 )
-from nestlearn.memory.state import MemoryWeights, Writes
+from nestlearn.memory.state import MemoryStats, MemoryWeights, Writes
 
 GENERATORS = ("k", "v", "q", "eta", "alpha")
 """The memories the "other" group can hold, in the order they are stacked (dim -3 of their
@@ -185,6 +185,7 @@ class SelfRefState:
     ``memory``: chunk-start M_memory; ``memory_buffer``: the writes of its current chunk, with
     ``Writes`` fields k_t, v_t, theta = η_t, log_eta = log β (``-inf`` without momentum),
     log_keep = log α_t. ``conv_cache``: the last ``conv_kernel - 1`` inputs ``(B, K-1, D)``.
+    ``stats``: M_memory's inner loop in the call that made the state (``self_ref_stats``).
     """
 
     other: GroupState
@@ -192,12 +193,30 @@ class SelfRefState:
     memory: GroupState
     memory_buffer: Writes
     conv_cache: Tensor | None
+    stats: MemoryStats | None = None
 
     def detach(self) -> SelfRefState:
         """Cut the autograd history (truncated backpropagation through time)."""
         cache = None if self.conv_cache is None else self.conv_cache.detach()
         return SelfRefState(self.other.detach(), self.other_buffer.detach(), self.memory.detach(),
-                            self.memory_buffer.detach(), cache)
+                            self.memory_buffer.detach(), cache, self.stats)
+
+
+@torch.no_grad()
+def self_ref_stats(writes: Writes, surprise_sq: list[Tensor], momentum: MemoryWeights | None,
+                   ) -> MemoryStats | None:
+    """M_memory's inner loop over a call's new tokens, as the Titans memory reports it: mean
+    inner learning rate η_t (``theta``), momentum decay β (``eta``), forget rate 1 - α_t
+    (``alpha``), per-token inner-gradient norm ||∇ℓ|| of the completed chunks
+    (``surprise_norm``) and the chunk-start momentum norm; ``None`` for a call without tokens."""
+    if writes.length == 0:
+        return None
+    zero = writes.theta.new_zeros(())
+    beta = writes.log_eta.exp().mean()  # exp(-inf) = 0 without momentum
+    surprise = torch.cat([s.flatten() for s in surprise_sq]).sqrt().mean() if surprise_sq else zero
+    return MemoryStats(theta=writes.theta.mean(), eta=beta, alpha=1 - writes.log_keep.exp().mean(),
+                       surprise_norm=surprise,
+                       momentum_norm=zero if momentum is None else momentum.sq_norm().sqrt().mean())
 
 
 def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
@@ -486,6 +505,7 @@ class SelfRefTitans(nn.Module):
         p_mem = state.memory_buffer.length
         queries = q
         stream = state.memory_buffer.cat(writes)
+        surprise: list[Tensor] = []
 
         def memory_step(group: GroupState, start: int, first: int, end: int, complete: bool,
                         ) -> tuple[Tensor, GroupState | None]:
@@ -495,6 +515,7 @@ class SelfRefTitans(nn.Module):
             w = stream.slice(start, end)
             v_hat = mlp_forward(group.weights.layers, w.v, spec)
             grads = l2_loss_grads(group.weights.layers, w.k, v_hat, spec)
+            surprise.append(grads.sq_norm().detach())
             return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd)
 
         outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
@@ -502,7 +523,8 @@ class SelfRefTitans(nn.Module):
         total_other = p_other + n_new
         new_state = SelfRefState(
             other, x_stream[..., total_other - total_other % c.other_chunk_size:, :], memory,
-            stream.slice(stream.length - stream.length % c.memory_chunk_size, stream.length), cache)
+            stream.slice(stream.length - stream.length % c.memory_chunk_size, stream.length), cache,
+            self_ref_stats(writes, surprise, memory.momentum))
         return self.readout(o), new_state
 
     def _forward_aligned(self, xh: Tensor, q: Tensor, state: SelfRefState,
@@ -531,6 +553,7 @@ class SelfRefTitans(nn.Module):
         if log_momentum is not None:
             log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, n_other + 1)
         outs: list[Tensor] = []
+        surprise: list[Tensor] = []
         packs: list[Tensor] = []
         sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
         for start, xs, qs in zip(range(0, total, chunk), x_stream.split_with_sizes(sizes, dim=-2),
@@ -550,6 +573,7 @@ class SelfRefTitans(nn.Module):
             if not complete:
                 continue
             grads, reads = _target_grads(weights, v, k, spec)
+            surprise.append(grads.sq_norm().detach()[..., n_other, :])  # M_memory's
             lb = None if log_beta is None else log_beta.unsqueeze(-1).expand(*log_beta.shape, n)
             new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None
                                                else MemoryWeights(momentum)),
@@ -577,7 +601,8 @@ class SelfRefTitans(nn.Module):
         new_state = SelfRefState(
             GroupState(other_w, other_s), x_stream[..., total - total % chunk:, :],
             GroupState(memory_w, memory_s),
-            stream.slice(stream.length - stream.length % chunk, stream.length), cache)
+            stream.slice(stream.length - stream.length % chunk, stream.length), cache,
+            self_ref_stats(writes, surprise, memory_s))
         return self.readout(o), new_state
 
 

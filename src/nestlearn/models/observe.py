@@ -1,7 +1,7 @@
 """Inner-loop statistics of a model's state, for the Trainer's metrics.
 
-Every Titans memory returns its mean inner learning rate θ, momentum decay η, forget gate α
-and surprise norm with its state; this finds them wherever a model keeps them (any nesting of
+Every Titans memory (and every self-referential Titans layer, for its M_memory) returns its
+mean inner learning rate, momentum decay, forget rate and surprise norm with its state; this finds them wherever a model keeps them (any nesting of
 dataclasses and tuples) and averages them, so users see the inner loops work.
 """
 
@@ -11,13 +11,12 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from nestlearn.memory import MemoryState
+from nestlearn.memory import MemoryStats
 
 
 def _memory_stats(obj: Any) -> Iterator[dict[str, float]]:
-    if isinstance(obj, MemoryState):
-        if obj.stats is not None:
-            yield obj.stats.as_dict()
+    if isinstance(obj, MemoryStats):
+        yield obj.as_dict()
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             yield from _memory_stats(getattr(obj, f.name))
