@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestlearn.memory.chunked import ChunkCoefficients, segment_sums
+from nestlearn.memory.chunked import segment_sums
 from nestlearn.memory.mlp import (
     Activation,
     MemoryMLPSpec,
@@ -178,97 +178,79 @@ def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tenso
                       eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, dgd: bool) -> GroupState:
     """``dgd_chunk_update``; ``reads``, when given, are the chunk-start reads W^(l)_0 z^(l)
     ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
-    seg = segment_sums(log_alpha).exp()
-    gamma_prev, decay_prev = seg[..., :-1, 0], seg[..., :-1, 1:]  # γ_{t-1}, γ_{t-1}/γ_s (s < t)
-    gamma_n, decay_last = seg[..., -1, 0], seg[..., -1, 1:]  # γ_n, γ_n/γ_s
-    co: ChunkCoefficients | None = None
-    if state.momentum is None:
-        c_prev, c_last = decay_prev, decay_last
-    else:
-        if log_beta is None:
-            raise ValueError("a group with momentum needs log_beta")
-        co = ChunkCoefficients.build(log_beta, log_alpha)
-        c_prev = F.pad(co.c[..., :-1, :], (0, 0, 1, 0))  # c_{t-1,j}, zero row for t = 1
-        c_last = co.c[..., -1, :]
-    eta_cols = eta.unsqueeze(-2)
-    # Per-token weights of the chunk, shared by every layer.
-    last_w = (c_last * eta).unsqueeze(-1)  # c_{n,j} η_j
-    dgd_terms: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
-    if dgd:
-        b_prev = None if co is None else F.pad(co.b[..., :-1], (1, 0)).unsqueeze(-1)
-        dgd_terms = (gamma_prev.unsqueeze(-1), decay_prev * eta_cols, (decay_last * eta).unsqueeze(-1), b_prev)
-    coeffs = _DgdCoefficients(gamma_n[..., None, None], last_w, -(c_prev * eta_cols), dgd_terms,
-                              None if co is None else co.b[..., -1, None, None],
-                              None if co is None else co.E[..., -1, None, None],
-                              None if co is None else (co.momentum[..., -1, :] * eta).unsqueeze(-1))
-    w0s, deltas, zs = state.weights.layers, grads.deltas, grads.inputs
-    s0s = None if state.momentum is None else state.momentum.layers
-    if len(w0s) > 1 and len({tuple(w.shape) for w in w0s}) == 1 and len({tuple(d.shape) for d in deltas}) == 1 \
-            and len({tuple(z.shape) for z in zs}) == 1:
-        # Equal layer shapes: every layer in one batch (leading axis = layer).
-        new_w, new_s = _dgd_layer(torch.stack(w0s), None if s0s is None else torch.stack(s0s),
-                                  torch.stack(deltas), torch.stack(zs),
-                                  None if reads is None else torch.stack(reads), coeffs)
-        return GroupState(MemoryWeights(tuple(new_w.unbind(0))),
-                          None if new_s is None else MemoryWeights(tuple(new_s.unbind(0))))
+    co = _DgdCoefficients.build(eta, log_alpha, log_beta if state.momentum is not None else None, dgd)
+    s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
-    for layer, (w0, delta, z) in enumerate(zip(w0s, deltas, zs, strict=True)):
-        w, s = _dgd_layer(w0, None if s0s is None else s0s[layer], delta, z,
-                          None if reads is None else reads[layer], coeffs)
+    for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
+                                                   strict=True)):
+        w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co)
         ws.append(w)
         if s is not None:
             ss.append(s)
-    return GroupState(MemoryWeights(tuple(ws)), None if s0s is None else MemoryWeights(tuple(ss)))
+    return GroupState(MemoryWeights(tuple(ws)), None if state.momentum is None else MemoryWeights(tuple(ss)))
 
 
 @dataclass(frozen=True)
 class _DgdCoefficients:
-    """Layer-independent factors of ``dgd_chunk_update`` (each broadcast against a layer)."""
+    """Layer-independent factors of ``dgd_chunk_update``, each broadcast against a layer's
+    ``(..., n, ·)`` tensors. With γ_t and the extended momentum sums c_{t,j}, b_t of
+    ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0 = 0), one
+    (n+1)×(n+1) product gives every c and b at once, and the DGD terms are slices of it."""
 
     gamma_n: Tensor  # γ_n, (..., 1, 1)
     last_w: Tensor  # c_{n,j} η_j, (..., n, 1)
     c_prev_eta: Tensor  # -c_{t-1,j} η_j, (..., n, n)
-    dgd: tuple[Tensor, Tensor, Tensor, Tensor | None] | None  # γ_{t-1}, (γ_{t-1}/γ_s) η_s, (γ_n/γ_s) η_s, b_{t-1}
-    b_n: Tensor | None
-    e_n: Tensor | None
+    gamma_prev: Tensor  # γ_{t-1}, (..., n, 1)
+    decay_eta: Tensor  # (γ_{t-1}/γ_s) η_s (s < t), (..., n, n)
+    decay_last_eta: Tensor  # (γ_n/γ_s) η_s, (..., n, 1)
+    b_prev: Tensor | None  # b_{t-1}, (..., n, 1)
+    b_n: Tensor | None  # b_n, (..., 1, 1)
+    e_n: Tensor | None  # E_n, (..., 1, 1)
     step_w: Tensor | None  # (E_n / E_j) η_j, (..., n, 1)
+    dgd: bool
 
-
-def _cat_broadcast(tensors: list[Tensor], dim: int) -> Tensor:
-    """``torch.cat`` along a matrix dim (-1 or -2) after broadcasting the leading (batch) dims."""
-    rank = max(t.dim() for t in tensors) - 2  # batch dims; sizes are 1 or equal (broadcastable)
-    batch = [max(t.shape[-2 - i] if t.dim() - 2 >= i else 1 for t in tensors) for i in range(rank, 0, -1)]
-    return torch.cat([t.expand(*batch, *t.shape[-2:]) for t in tensors], dim=dim)
+    @staticmethod
+    def build(eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, dgd: bool) -> _DgdCoefficients:
+        seg = segment_sums(log_alpha).exp()  # [t, s] = γ_t / γ_s, index 0 = chunk start
+        eta_cols = eta.unsqueeze(-2)
+        if log_beta is None:
+            c = seg[..., 1:]  # c_{t,j} = γ_t / γ_j without momentum
+            b = e_n = step_w = None
+        else:
+            seg_e = segment_sums(log_beta).exp()  # [s, i] = E_s / E_i
+            both = seg[..., 1:] @ seg_e[..., 1:, :]  # [t, 0] = b_t, [t, j] = c_{t,j}
+            b, c = both[..., 0], both[..., 1:]
+            e_n = seg_e[..., -1, 0, None, None]
+            step_w = (seg_e[..., -1, 1:] * eta).unsqueeze(-1)
+        return _DgdCoefficients(
+            gamma_n=seg[..., -1, 0, None, None], last_w=(c[..., -1, :] * eta).unsqueeze(-1),
+            c_prev_eta=-(c[..., :-1, :] * eta_cols), gamma_prev=seg[..., :-1, 0, None],
+            decay_eta=seg[..., :-1, 1:] * eta_cols, decay_last_eta=(seg[..., -1, 1:] * eta).unsqueeze(-1),
+            b_prev=None if b is None else b[..., :-1, None], b_n=None if b is None else b[..., -1, None, None],
+            e_n=e_n, step_w=step_w, dgd=dgd)
 
 
 def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,
                co: _DgdCoefficients) -> tuple[Tensor, Tensor | None]:
-    """(W_n, S_n) of one layer (or a stack of equally shaped layers) after a chunk."""
-    out = w0.shape[-2]
+    """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
+    leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
     rows = delta * co.last_w
-    if co.dgd is not None:
-        gamma_prev, decay_eta, decay_last_eta, b_prev = co.dgd
+    if co.dgd:
         gram = z @ z.transpose(-1, -2)
-        # rhs_t = γ_{t-1} W_0 z_t + b_{t-1} S_0 z_t - Σ_j c_{t-1,j} η_j (z_j·z_t) δ_j as one product
-        left = [co.c_prev_eta * gram]
-        right = [delta]
+        # rhs_t = γ_{t-1} W_0 z_t + b_{t-1} S_0 z_t - Σ_j c_{t-1,j} η_j (z_j·z_t) δ_j
         if read is None:
-            left.append(gamma_prev * z)
-            right.append(w0.transpose(-1, -2))
-        if s0 is not None and b_prev is not None:
-            left.append(b_prev * z)
-            right.append(s0.transpose(-1, -2))
-        rhs = _cat_broadcast(left, -1) @ _cat_broadcast(right, -2)
-        if read is not None:
-            rhs = rhs + gamma_prev * read
-        p = torch.linalg.solve_triangular(decay_eta * gram, rhs, upper=False, unitriangular=True)
-        rows = rows + p * decay_last_eta
+            read = linear(w0, z)
+        rhs = torch.addcmul((co.c_prev_eta * gram) @ delta, co.gamma_prev, read)
+        if s0 is not None and co.b_prev is not None:
+            rhs = rhs + linear(s0, co.b_prev * z)
+        p = torch.linalg.solve_triangular(co.decay_eta * gram, rhs, upper=False, unitriangular=True)
+        rows = torch.addcmul(rows, p, co.decay_last_eta)
+    update = rows.transpose(-1, -2) @ z
     if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
-        return co.gamma_n * w0 - rows.transpose(-1, -2) @ z, None
-    step = delta * co.step_w
-    both = torch.cat([rows, step], dim=-1).transpose(-1, -2) @ z  # one product for W and S
-    return co.gamma_n * w0 + co.b_n * s0 - both[..., :out, :], co.e_n * s0 - both[..., out:, :]
+        return co.gamma_n * w0 - update, None
+    new_s = co.e_n * s0 - (delta * co.step_w).transpose(-1, -2) @ z
+    return co.gamma_n * w0 + co.b_n * s0 - update, new_s
 
 
 S = TypeVar("S")
@@ -537,7 +519,7 @@ def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: Memory
     pre: list[Tensor] = []
     depth = len(layers)
     for i, w in enumerate(layers):
-        inputs.append(a[..., n:, :].expand(*w.shape[:-2], n, a.shape[-1]) if i == 0 else a[..., n:, :])
+        inputs.append(a[..., n:, :])  # z^(1) = k_t, shared by the stacked memories
         u = linear(w, a)
         pre.append(u[..., n:, :])
         a = activate(u, spec.activation) if i < depth - 1 else u
