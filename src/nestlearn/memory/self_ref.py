@@ -235,22 +235,110 @@ def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Te
                co: _DgdCoefficients) -> tuple[Tensor, Tensor | None]:
     """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
     leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
-    rows = delta * co.last_w
     if co.dgd:
-        gram = z @ z.transpose(-1, -2)
-        # rhs_t = γ_{t-1} W_0 z_t + b_{t-1} S_0 z_t - Σ_j c_{t-1,j} η_j (z_j·z_t) δ_j
-        if read is None:
-            read = linear(w0, z)
-        rhs = torch.addcmul((co.c_prev_eta * gram) @ delta, co.gamma_prev, read)
-        if s0 is not None and co.b_prev is not None:
-            rhs = rhs + linear(s0, co.b_prev * z)
-        p = torch.linalg.solve_triangular(co.decay_eta * gram, rhs, upper=False, unitriangular=True)
-        rows = torch.addcmul(rows, p, co.decay_last_eta)
-    update = rows.transpose(-1, -2) @ z
+        out: tuple[Tensor, Tensor | None] = _DgdLayer.apply(  # type: ignore[no-untyped-call]
+            w0, s0, delta, z, linear(w0, z) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
+            co.gamma_prev, co.decay_eta, co.decay_last_eta, co.b_prev, co.b_n, co.e_n, co.step_w)
+        return out
+    update = (delta * co.last_w).transpose(-1, -2) @ z
     if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
         return co.gamma_n * w0 - update, None
-    new_s = co.e_n * s0 - (delta * co.step_w).transpose(-1, -2) @ z
-    return co.gamma_n * w0 + co.b_n * s0 - update, new_s
+    return (co.gamma_n * w0 + co.b_n * s0 - update,
+            co.e_n * s0 - (delta * co.step_w).transpose(-1, -2) @ z)
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    return x.sum(-1, keepdim=True)
+
+
+class _DgdLayer(torch.autograd.Function):
+    """The DGD chunk update of one layer (``_dgd_layer``) with a hand-written backward.
+
+    Forward, with G = Z Zᵀ, Δ = [δ_t], A = -c_{t-1,j} η_j ⊙ G, L = I + strict_lower(de ⊙ G):
+
+        rhs = A Δ + γ_{t-1} ⊙ read + b_{t-1} ⊙ Z S_0ᵀ,   P = L⁻¹ rhs,
+        R = c_{n,j} η_j ⊙ Δ + (γ_n/γ_j) η_j ⊙ P,       W_n = γ_n W_0 + b_n S_0 - Rᵀ Z,
+        S_n = E_n S_0 - ((E_n/E_j) η_j ⊙ Δ)ᵀ Z.
+
+    Autograd of these ops keeps every broadcast product and accumulates into many temporaries;
+    here backward saves only the inputs, G and P (R is recomputed), does one transposed solve
+    and reduces broadcast gradients (e.g. the layer-1 system shared by the stacked memories)
+    before multiplying. It is written with differentiable ops and, under ``create_graph``,
+    rebuilds G and P from the inputs, so double backward works too.
+    """
+
+    @staticmethod
+    def solve(s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor, c_prev_eta: Tensor, gamma_prev: Tensor,
+              decay_eta: Tensor, b_prev: Tensor | None) -> tuple[Tensor, Tensor]:
+        """G and P (the DGD terms p_t)."""
+        gram = z @ z.transpose(-1, -2)
+        rhs = torch.addcmul((c_prev_eta * gram) @ delta, gamma_prev, read)
+        if s0 is not None and b_prev is not None:
+            rhs = rhs + linear(s0, b_prev * z)
+        return gram, torch.linalg.solve_triangular(decay_eta * gram, rhs, upper=False, unitriangular=True)
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, w0: Tensor, s0: Tensor | None, delta: Tensor,
+                z: Tensor, read: Tensor, gamma_n: Tensor, last_w: Tensor, c_prev_eta: Tensor,
+                gamma_prev: Tensor, decay_eta: Tensor, decay_last_eta: Tensor, b_prev: Tensor | None,
+                b_n: Tensor | None, e_n: Tensor | None, step_w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+        rows = torch.addcmul(delta * last_w, p, decay_last_eta)
+        new_w = gamma_n * w0 - rows.transpose(-1, -2) @ z
+        new_s = None
+        if s0 is not None:
+            assert b_n is not None and e_n is not None and step_w is not None
+            new_w = new_w + b_n * s0
+            new_s = e_n * s0 - (delta * step_w).transpose(-1, -2) @ z
+        saved = (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta,
+                 decay_last_eta, b_prev, b_n, e_n, step_w)
+        ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # None entries are allowed
+        return new_w, new_s
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_w: Tensor, g_s: Tensor | None,
+                 ) -> tuple[Tensor | None, ...]:
+        (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta, decay_last_eta,
+         b_prev, b_n, e_n, step_w) = ctx.saved_tensors  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # double backward: G and P as functions of the inputs
+            gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+        rows = torch.addcmul(delta * last_w, p, decay_last_eta)
+        g_rows = -(z @ g_w.transpose(-1, -2))
+        g_z = -(rows @ g_w)
+        g_delta = g_rows * last_w
+        g_p = g_rows * decay_last_eta
+        g_s0 = g_bp = g_bn = g_en = g_sw = None
+        if s0 is not None:
+            assert g_s is not None
+            step = delta * step_w
+            g_step = -(z @ g_s.transpose(-1, -2))
+            g_z = g_z - step @ g_s
+            g_delta = g_delta + g_step * step_w
+            g_sw = _row_sum(g_step * delta)
+            g_s0 = b_n * g_w + e_n * g_s
+            g_bn = (g_w * s0).sum((-2, -1), keepdim=True)
+            g_en = (g_s * s0).sum((-2, -1), keepdim=True)
+        system = decay_eta * gram
+        g_rhs = torch.linalg.solve_triangular(system.transpose(-1, -2), g_p, upper=True, unitriangular=True)
+        g_system = (-(g_rhs @ p.transpose(-1, -2))).tril(-1).sum_to_size(system.shape)
+        g_a = g_rhs @ delta.transpose(-1, -2)
+        g_delta = g_delta + (c_prev_eta * gram).transpose(-1, -2) @ g_rhs
+        g_gram = (g_a * c_prev_eta).sum_to_size(gram.shape) + (g_system * decay_eta).sum_to_size(gram.shape)
+        if s0 is not None:
+            u = g_rhs @ s0
+            g_z = g_z + b_prev * u
+            g_bp = _row_sum(z * u)
+            g_s0 = g_s0 + (b_prev * g_rhs).transpose(-1, -2) @ z
+        g_z = g_z.sum_to_size(z.shape) + (g_gram + g_gram.transpose(-1, -2)) @ z
+
+        def fit(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return None if g is None or like is None else g.sum_to_size(like.shape)
+
+        return (fit(gamma_n * g_w, w0), fit(g_s0, s0), fit(g_delta, delta), g_z, fit(g_rhs * gamma_prev, read),
+                fit((g_w * w0).sum((-2, -1), keepdim=True), gamma_n), fit(_row_sum(g_rows * delta), last_w),
+                fit(g_a * gram, c_prev_eta), fit(_row_sum(g_rhs * read), gamma_prev),
+                fit(g_system * gram, decay_eta), fit(_row_sum(g_rows * p), decay_last_eta),
+                fit(g_bp, b_prev), fit(g_bn, b_n), fit(g_en, e_n), fit(g_sw, step_w))
 
 
 S = TypeVar("S")
