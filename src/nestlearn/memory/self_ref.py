@@ -302,42 +302,42 @@ class _DgdLayer(torch.autograd.Function):
          b_prev, b_n, e_n, step_w) = ctx.saved_tensors  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # double backward: G and P as functions of the inputs
             gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+        # Signs are moved onto the small (n, 1) and (1, 1) factors: h = -dL/dR, r = -dL/d(rhs),
+        # acc = -dL/dZ (before the Gram term).
         rows = torch.addcmul(delta * last_w, p, decay_last_eta)
-        g_rows = -(z @ g_w.transpose(-1, -2))
-        g_z = -(rows @ g_w)
-        g_delta = g_rows * last_w
-        g_p = g_rows * decay_last_eta
+        h = z @ g_w.transpose(-1, -2)
+        acc = rows @ g_w
+        g_delta = h * -last_w
         g_s0 = g_bp = g_bn = g_en = g_sw = None
         if s0 is not None:
             assert g_s is not None
-            step = delta * step_w
-            g_step = -(z @ g_s.transpose(-1, -2))
-            g_z = g_z - step @ g_s
-            g_delta = g_delta + g_step * step_w
-            g_sw = _row_sum(g_step * delta)
-            g_s0 = b_n * g_w + e_n * g_s
+            h_s = z @ g_s.transpose(-1, -2)
+            acc = acc + (delta * step_w) @ g_s
+            g_delta = torch.addcmul(g_delta, h_s, step_w, value=-1)
+            g_sw = -_row_sum(h_s * delta)
+            g_s0 = torch.addcmul(b_n * g_w, e_n, g_s)
             g_bn = (g_w * s0).sum((-2, -1), keepdim=True)
             g_en = (g_s * s0).sum((-2, -1), keepdim=True)
         system = decay_eta * gram
-        g_rhs = torch.linalg.solve_triangular(system.transpose(-1, -2), g_p, upper=True, unitriangular=True)
-        g_system = (-(g_rhs @ p.transpose(-1, -2))).tril(-1).sum_to_size(system.shape)
-        g_a = g_rhs @ delta.transpose(-1, -2)
-        g_delta = g_delta + (c_prev_eta * gram).transpose(-1, -2) @ g_rhs
-        g_gram = (g_a * c_prev_eta).sum_to_size(gram.shape) + (g_system * decay_eta).sum_to_size(gram.shape)
+        r = torch.linalg.solve_triangular(system.transpose(-1, -2), h * decay_last_eta, upper=True, unitriangular=True)
+        g_system = (r @ p.transpose(-1, -2)).sum_to_size(system.shape).tril(-1)
+        q = r @ delta.transpose(-1, -2)  # -dL/dA
+        g_delta = g_delta - (c_prev_eta * gram).transpose(-1, -2) @ r
+        g_gram = (g_system * decay_eta).sum_to_size(gram.shape) - (q * c_prev_eta).sum_to_size(gram.shape)
         if s0 is not None:
-            u = g_rhs @ s0
-            g_z = g_z + b_prev * u
-            g_bp = _row_sum(z * u)
-            g_s0 = g_s0 + (b_prev * g_rhs).transpose(-1, -2) @ z
-        g_z = g_z.sum_to_size(z.shape) + (g_gram + g_gram.transpose(-1, -2)) @ z
+            u = r @ s0
+            acc = torch.addcmul(acc, b_prev, u)
+            g_bp = -_row_sum(z * u)
+            g_s0 = g_s0 - (b_prev * r).transpose(-1, -2) @ z
+        g_z = (g_gram + g_gram.transpose(-1, -2)) @ z - acc.sum_to_size(z.shape)
 
         def fit(g: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if g is None or like is None else g.sum_to_size(like.shape)
 
-        return (fit(gamma_n * g_w, w0), fit(g_s0, s0), fit(g_delta, delta), g_z, fit(g_rhs * gamma_prev, read),
-                fit((g_w * w0).sum((-2, -1), keepdim=True), gamma_n), fit(_row_sum(g_rows * delta), last_w),
-                fit(g_a * gram, c_prev_eta), fit(_row_sum(g_rhs * read), gamma_prev),
-                fit(g_system * gram, decay_eta), fit(_row_sum(g_rows * p), decay_last_eta),
+        return (fit(gamma_n * g_w, w0), fit(g_s0, s0), fit(g_delta, delta), g_z, fit(r * -gamma_prev, read),
+                fit((g_w * w0).sum((-2, -1), keepdim=True), gamma_n), fit(-_row_sum(h * delta), last_w),
+                fit(-(q * gram), c_prev_eta), fit(-_row_sum(r * read), gamma_prev),
+                fit(g_system * gram, decay_eta), fit(-_row_sum(h * p), decay_last_eta),
                 fit(g_bp, b_prev), fit(g_bn, b_n), fit(g_en, e_n), fit(g_sw, step_w))
 
 
@@ -556,9 +556,9 @@ class SelfRefTitans(nn.Module):
                 break
             inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]),
                              qs.unsqueeze(-3)], dim=-3)
-            out = mlp_forward(weights, inp, spec)
-            k, v, eta, log_alpha = self.token_writes(out[..., :n_other, :, :])
-            outs.append(out[..., n_other, first:, :])
+            other_out, memory_out = mlp_forward(weights, inp, spec).split([n_other, 1], dim=-3)
+            k, v, eta, log_alpha = self.token_writes(other_out)
+            outs.append(memory_out[..., 0, first:, :])
             packs.append(torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first:, :])
             if not complete:
                 continue
@@ -597,22 +597,21 @@ class SelfRefTitans(nn.Module):
 def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: MemoryMLPSpec,
                   ) -> tuple[RankOneGrads, tuple[Tensor, ...]]:
     """Closed-form gradients of ℓ = ||M(k_t) - v̂_t||² with each memory's own target v̂ = M(v_t):
-    the same as ``l2_loss_grads(layers, k, mlp_forward(layers, v))``, one matmul per layer for
-    both reads. v, k ``(B, H, n, d)``, shared by the memories stacked on dim -3. Also returns
-    the pre-activations W^(l) z^(l) of the k reads."""
-    n = v.shape[-2]
-    x = torch.cat([v, k], dim=-2).unsqueeze(-3)
-    a = x
+    the same as ``l2_loss_grads(layers, k, mlp_forward(layers, v))``. v, k ``(B, H, n, d)``,
+    shared by the memories stacked on dim -3. Also returns the pre-activations W^(l) z^(l) of
+    the k reads. The v and k reads are separate products (not one on their concatenation):
+    slicing a concatenation costs a zero-filled gradient of the whole per slice in backward."""
+    a_v, a_k = v.unsqueeze(-3), k.unsqueeze(-3)
     inputs: list[Tensor] = []
     pre: list[Tensor] = []
     depth = len(layers)
     for i, w in enumerate(layers):
-        inputs.append(a[..., n:, :])  # z^(1) = k_t, shared by the stacked memories
-        u = linear(w, a)
-        pre.append(u[..., n:, :])
-        a = activate(u, spec.activation) if i < depth - 1 else u
-    out = a + x if spec.residual else a
-    delta = 2 * (out[..., n:, :] - out[..., :n, :])
+        inputs.append(a_k)  # z^(1) = k_t, shared by the stacked memories
+        u_v, u_k = linear(w, a_v), linear(w, a_k)
+        pre.append(u_k)
+        a_v, a_k = (activate(u_v, spec.activation), activate(u_k, spec.activation)) if i < depth - 1 else (u_v, u_k)
+    diff = a_k - a_v
+    delta = 2 * (diff + (k - v).unsqueeze(-3) if spec.residual else diff)
     deltas = [delta]
     for i in range(depth - 1, 0, -1):
         delta = (delta @ layers[i]) * activation_derivative(pre[i - 1], spec.activation)
