@@ -556,7 +556,7 @@ class SelfRefTitans(nn.Module):
                 break
             inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]),
                              qs.unsqueeze(-3)], dim=-3)
-            other_out, memory_out = mlp_forward(weights, inp, spec).split([n_other, 1], dim=-3)
+            other_out, memory_out = mlp_forward(weights, inp, spec).split_with_sizes([n_other, 1], dim=-3)
             k, v, eta, log_alpha = self.token_writes(other_out)
             outs.append(memory_out[..., 0, first:, :])
             packs.append(torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first:, :])
