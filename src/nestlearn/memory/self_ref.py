@@ -171,14 +171,17 @@ def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_al
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
     against the weights' leading dims; ``log_beta`` is ignored without momentum."""
-    return _dgd_chunk_update(state, grads, None, eta, log_alpha, log_beta, dgd)
+    momentum = None if log_beta is None or state.momentum is None else _MomentumDecay.build(log_beta)
+    return _dgd_chunk_update(state, grads, None, eta, log_alpha, momentum, dgd)
 
 
 def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
-                      eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, dgd: bool) -> GroupState:
-    """``dgd_chunk_update``; ``reads``, when given, are the chunk-start reads W^(l)_0 z^(l)
-    ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
-    co = _DgdCoefficients.build(eta, log_alpha, log_beta if state.momentum is not None else None, dgd)
+                      eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> GroupState:
+    """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
+    reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
+    if state.momentum is not None and momentum is None:
+        raise ValueError("a group with momentum needs its momentum decay")
+    co = _DgdCoefficients.build(eta, log_alpha, momentum if state.momentum is not None else None, dgd)
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
@@ -192,11 +195,31 @@ def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tenso
 
 
 @dataclass(frozen=True)
+class _MomentumDecay:
+    """The factors of a chunk that depend on the momentum decay β alone, with E_s = Π_{j<=s} β_j:
+    ``rows`` ``(..., n, n+1)`` is [s, 0] = E_s, [s, i] = E_s / E_i (s = 1..n), ``e_n`` = E_n
+    ``(..., 1, 1)`` and ``last`` = E_n / E_j ``(..., n)``. β is constant over a call, so one
+    build serves every full chunk."""
+
+    rows: Tensor
+    e_n: Tensor
+    last: Tensor
+
+    @staticmethod
+    def build(log_beta: Tensor) -> _MomentumDecay:
+        n = log_beta.shape[-1]
+        rows = segment_sums(log_beta).exp().split_with_sizes([1, n], dim=-2)[1]
+        e_n, last = rows[..., -1, :].split_with_sizes([1, n], dim=-1)
+        return _MomentumDecay(rows, e_n.unsqueeze(-1), last)
+
+
+@dataclass(frozen=True)
 class _DgdCoefficients:
     """Layer-independent factors of ``dgd_chunk_update``, each broadcast against a layer's
     ``(..., n, ·)`` tensors. With γ_t and the extended momentum sums c_{t,j}, b_t of
     ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0 = 0), one
-    (n+1)×(n+1) product gives every c and b at once, and the DGD terms are slices of it."""
+    (n+1)×(n+1) product gives every c and b at once, and the DGD terms are parts of it (taken
+    with ``split``: the backward of a slice would zero-fill the whole matrix per slice)."""
 
     gamma_n: Tensor  # γ_n, (..., 1, 1)
     last_w: Tensor  # c_{n,j} η_j, (..., n, 1)
@@ -211,24 +234,26 @@ class _DgdCoefficients:
     dgd: bool
 
     @staticmethod
-    def build(eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, dgd: bool) -> _DgdCoefficients:
-        seg = segment_sums(log_alpha).exp()  # [t, s] = γ_t / γ_s, index 0 = chunk start
+    def build(eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> _DgdCoefficients:
+        n = eta.shape[-1]
+        # [t, 0] = γ_t, [t, s] = γ_t / γ_s for t = 0..n (0 = chunk start)
+        gamma, decay = segment_sums(log_alpha).exp().split_with_sizes([1, n], dim=-1)
+        gamma_prev, gamma_n = gamma.split_with_sizes([n, 1], dim=-2)
+        decay_prev, decay_last = decay.split_with_sizes([n, 1], dim=-2)
         eta_cols = eta.unsqueeze(-2)
-        if log_beta is None:
-            c = seg[..., 1:]  # c_{t,j} = γ_t / γ_j without momentum
-            b = e_n = step_w = None
+        b_prev = b_n = e_n = step_w = None
+        if momentum is None:
+            c_prev, c_last = decay_prev, decay_last  # c_{t,j} = γ_t / γ_j without momentum
         else:
-            seg_e = segment_sums(log_beta).exp()  # [s, i] = E_s / E_i
-            both = seg[..., 1:] @ seg_e[..., 1:, :]  # [t, 0] = b_t, [t, j] = c_{t,j}
-            b, c = both[..., 0], both[..., 1:]
-            e_n = seg_e[..., -1, 0, None, None]
-            step_w = (seg_e[..., -1, 1:] * eta).unsqueeze(-1)
+            b, c = (decay @ momentum.rows).split_with_sizes([1, n], dim=-1)  # b_t, c_{t,j}
+            b_prev, b_n = b.split_with_sizes([n, 1], dim=-2)
+            c_prev, c_last = c.split_with_sizes([n, 1], dim=-2)
+            e_n, step_w = momentum.e_n, (momentum.last * eta).unsqueeze(-1)
         return _DgdCoefficients(
-            gamma_n=seg[..., -1, 0, None, None], last_w=(c[..., -1, :] * eta).unsqueeze(-1),
-            c_prev_eta=-(c[..., :-1, :] * eta_cols), gamma_prev=seg[..., :-1, 0, None],
-            decay_eta=seg[..., :-1, 1:] * eta_cols, decay_last_eta=(seg[..., -1, 1:] * eta).unsqueeze(-1),
-            b_prev=None if b is None else b[..., :-1, None], b_n=None if b is None else b[..., -1, None, None],
-            e_n=e_n, step_w=step_w, dgd=dgd)
+            gamma_n=gamma_n, last_w=(c_last * eta_cols).transpose(-1, -2), c_prev_eta=-(c_prev * eta_cols),
+            gamma_prev=gamma_prev, decay_eta=decay_prev * eta_cols,
+            decay_last_eta=(decay_last * eta_cols).transpose(-1, -2),
+            b_prev=b_prev, b_n=b_n, e_n=e_n, step_w=step_w, dgd=dgd)
 
 
 def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,
@@ -541,9 +566,10 @@ class SelfRefTitans(nn.Module):
         weights = stack(state.other.weights, state.memory.weights)
         momentum = (None if state.other.momentum is None or state.memory.momentum is None
                     else stack(state.other.momentum, state.memory.momentum))
-        log_beta = None
+        decay = None  # the β factors of a full chunk, shared by all of them
         if log_momentum is not None:
             log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, 5)
+            decay = _MomentumDecay.build(log_beta.unsqueeze(-1).expand(*log_beta.shape, chunk))
         outs: list[Tensor] = []
         packs: list[Tensor] = []
         sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
@@ -563,10 +589,9 @@ class SelfRefTitans(nn.Module):
             if not complete:
                 continue
             grads, reads = _target_grads(weights, v, k, spec)
-            lb = None if log_beta is None else log_beta.unsqueeze(-1).expand(*log_beta.shape, n)
             new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None
                                                else MemoryWeights(momentum)),
-                                    grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), lb, c.dgd)
+                                    grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), decay, c.dgd)
             weights = new.weights.layers
             momentum = None if new.momentum is None else new.momentum.layers
 
