@@ -141,6 +141,20 @@ def test_gradcheck_tiny() -> None:
         lambda m0: torch.func.functional_call(layer, {"memory_init.0": m0}, (x.detach(),))[0], (w.detach().clone().requires_grad_(),))
 
 
+def test_bf16_autocast_forward_and_backward() -> None:
+    """Under autocast (``train.precision: bf16``) bf16 products meet fp32 weights; the DGD
+    update runs in one dtype and the result stays close to full precision."""
+    layer = make_layer(other_chunk_size=4, memory_chunk_size=4).float()
+    x = inputs(10).float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)[0]
+    (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    y32 = layer(x)[0]
+    (g32,) = torch.autograd.grad(y32.square().sum(), x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.1, atol=0.05)
+    torch.testing.assert_close(g, g32, rtol=0.1, atol=0.1)
+
+
 def test_dgd_single_step_is_the_literal_equation() -> None:
     """One token, linear memory M(x) = x + W x: W' = W (α I - η k kᵀ) - η ∇_W ||M(k) - v̂||²,
     with ∇ = 2 (k + W k - v̂) kᵀ (Eq. 88)."""

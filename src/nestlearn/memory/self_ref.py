@@ -51,6 +51,7 @@ meta-learned initial memories.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,9 +262,13 @@ def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Te
     """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
     leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
     if co.dgd:
-        out: tuple[Tensor, Tensor | None] = _DgdLayer.apply(  # type: ignore[no-untyped-call]
-            w0, s0, delta, z, linear(w0, z) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
-            co.gamma_prev, co.decay_eta, co.decay_last_eta, co.b_prev, co.b_n, co.e_n, co.step_w)
+        args = (w0, s0, delta, z, linear(w0, z) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
+                co.gamma_prev, co.decay_eta, co.decay_last_eta, co.b_prev, co.b_n, co.e_n, co.step_w)
+        # One dtype inside (autocast mixes bf16 products with fp32 weights); autograd casts back.
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in args if t is not None))
+        with torch.autocast(w0.device.type, enabled=False):
+            out: tuple[Tensor, Tensor | None] = _DgdLayer.apply(  # type: ignore[no-untyped-call]
+                *(None if t is None else t.to(dtype) for t in args))
         return out
     update = (delta * co.last_w).transpose(-1, -2) @ z
     if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
@@ -323,8 +328,14 @@ class _DgdLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, g_w: Tensor, g_s: Tensor | None,
                  ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(g_w.device.type, enabled=False):
+            return _DgdLayer._backward(ctx.saved_tensors, g_w, g_s)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _backward(saved: tuple[Tensor, ...], g_w: Tensor, g_s: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The gradients of the inputs; without momentum s0 and its factors are ``None`` in ``saved``."""
         (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta, decay_last_eta,
-         b_prev, b_n, e_n, step_w) = ctx.saved_tensors  # type: ignore[attr-defined]
+         b_prev, b_n, e_n, step_w) = saved
         if torch.is_grad_enabled():  # double backward: G and P as functions of the inputs
             gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
         # Signs are moved onto the small (n, 1) and (1, 1) factors: h = -dL/dR, r = -dL/d(rhs),
