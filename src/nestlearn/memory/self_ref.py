@@ -44,9 +44,10 @@ with z_i, δ_i the chunk-start inputs and gradients, γ_t = Π_{j<=t} α_j, p_t 
 
 i.e. the within-chunk product of the (α_i I - η_i z_i z_iᵀ) is resolved *exactly* by one
 unit-lower-triangular C×C solve for P = [p_t] (proof: unroll W_t = α_t W_{t-1} - η_t p_t z_tᵀ
-+ S_t and substitute S_s as in ``chunked``). Everything is differentiable torch, so the outer
-gradient flows through the in-context updates into W_q, the convolution, the readouts and the
-meta-learned initial memories.
++ S_t and substitute S_s as in ``chunked``). Everything is differentiable (the per-layer update
+is ``_DgdLayer``, an autograd Function whose hand-written backward is itself differentiable), so
+the outer gradient flows through the in-context updates into W_q, the convolution, the readouts
+and the meta-learned initial memories.
 """
 
 from __future__ import annotations
