@@ -15,6 +15,7 @@ from nestlearn.memory.self_ref import (
     SelfRefState,
     SelfRefTitans,
     SelfRefTitansConfig,
+    _DgdLayer,
     dgd_chunk_update,
 )
 from nestlearn.memory.self_ref_reference import reference_self_ref
@@ -182,19 +183,24 @@ def test_one_call_equals_split_calls_and_token_by_token(momentum: bool) -> None:
     assert state.other_buffer.shape[-2] == 13 % 3 and state.memory_buffer.length == 13 % 4
 
 
-@pytest.mark.parametrize(("other_chunk", "memory_chunk"), [(1, 1), (3, 4)])
-def test_gradients_equal_reference(other_chunk: int, memory_chunk: int) -> None:
+@pytest.mark.parametrize(("other_chunk", "memory_chunk", "t"), [(1, 1, 10), (3, 4, 10), (4, 4, 10), (4, 16, 7)])
+def test_gradients_equal_reference(other_chunk: int, memory_chunk: int, t: int) -> None:
     """The outer gradient flows through the in-context updates into W_q, the convolution, the
-    meta-learned initial memories, readouts, momenta and the output projection."""
+    meta-learned initial memories, readouts, momenta and the output projection (tail chunks
+    shorter than C; with T < C of M_memory the output reads only its initial state, so some
+    parameters get no gradient in either path)."""
     layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk)
-    x = inputs(10).requires_grad_()
-    target = inputs(10, seed=5)
+    x = inputs(t).requires_grad_()
+    target = inputs(t, seed=5)
     names = [n for n, _ in layer.named_parameters()]
     params = [*layer.parameters(), x]
-    fast = torch.autograd.grad((layer(x)[0] - target).square().sum(), params)
-    ref = torch.autograd.grad((reference_self_ref(layer, x) - target).square().sum(), params)
+    fast = torch.autograd.grad((layer(x)[0] - target).square().sum(), params, allow_unused=True)
+    ref = torch.autograd.grad((reference_self_ref(layer, x) - target).square().sum(), params, allow_unused=True)
     for name, g_fast, g_ref in zip([*names, "x"], fast, ref, strict=True):
-        assert g_ref.abs().max() > 0, name
+        if t < memory_chunk and g_ref is None:
+            assert g_fast is None, name
+            continue
+        assert g_ref is not None and g_fast is not None and g_ref.abs().max() > 0, name
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10, msg=name)
 
 
@@ -202,9 +208,24 @@ def test_gradcheck_tiny() -> None:
     layer = make_layer(d_model=4, heads=2, head_dim=2, other_chunk_size=2, memory_chunk_size=3)
     x = inputs(5, batch=1)[..., :4].requires_grad_()
     assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,))
+    assert torch.autograd.gradgradcheck(lambda inp: layer(inp)[0], (x,))  # create_graph (meta-training)
     w = layer.memory_init[0]
     assert torch.autograd.gradcheck(
         lambda m0: torch.func.functional_call(layer, {"memory_init.0": m0}, (x.detach(),))[0], (w.detach().clone().requires_grad_(),))
+
+
+def test_bf16_autocast_forward_and_backward() -> None:
+    """Under autocast (``train.precision: bf16``) bf16 products meet fp32 weights; the DGD
+    update runs in one dtype and the result stays close to full precision."""
+    layer = make_layer(other_chunk_size=4, memory_chunk_size=4).float()
+    x = inputs(10).float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)[0]
+    (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    y32 = layer(x)[0]
+    (g32,) = torch.autograd.grad(y32.square().sum(), x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.1, atol=0.05)
+    torch.testing.assert_close(g, g32, rtol=0.1, atol=0.1)
 
 
 def test_dgd_single_step_is_the_literal_equation() -> None:
@@ -224,13 +245,27 @@ def test_dgd_single_step_is_the_literal_equation() -> None:
     torch.testing.assert_close(new.weights.layers[0][0], expected)
 
 
-@pytest.mark.parametrize("momentum", [True, False])
-@pytest.mark.parametrize("dgd", [True, False])
-def test_chunk_update_equals_literal_recurrence(momentum: bool, dgd: bool) -> None:
-    """``dgd_chunk_update`` over n tokens == the token-by-token recurrence with the same
-    (chunk-start) gradients: S ← β S - η δ ⊗ z, W ← W (α I - η z zᵀ) + S (DGD) or α W + S."""
-    gen = torch.Generator().manual_seed(3)
-    n, shapes = 6, [(7, 4), (4, 7)]
+def literal_chunk_update(w0: MemoryWeights, s0: MemoryWeights | None, grads: RankOneGrads, eta: Tensor,
+                         alpha: Tensor, beta: Tensor, dgd: bool) -> list[Tensor]:
+    """The token-by-token recurrence with the chunk-start gradients, plain autograd ops:
+    S ← β S - η δ ⊗ z, W ← W (α I - η z zᵀ) + S (DGD) or α W + S; returns [W_n, (S_n,)] per layer."""
+    out = []
+    for layer, (w, z_all, d_all) in enumerate(zip(w0.layers, grads.inputs, grads.deltas, strict=True)):
+        s = s0.layers[layer] if s0 is not None else torch.zeros_like(w)
+        for t in range(eta.shape[-1]):
+            z, d = z_all[:, t, :, None], d_all[:, t, :, None]
+            e, a = eta[:, t, None, None], alpha[:, t, None, None]
+            s = (beta[:, None, None] * s if s0 is not None else 0) - e * d @ z.transpose(-1, -2)
+            eye = torch.eye(w.shape[-1], dtype=w.dtype)
+            w = w @ (a * eye - e * z @ z.transpose(-1, -2)) + s if dgd else a * w + s
+        out += [w, s] if s0 is not None else [w]
+    return out
+
+
+def chunk_update_inputs(n: int, momentum: bool, seed: int = 3) -> tuple[MemoryWeights, MemoryWeights | None,
+                                                                        RankOneGrads, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(7, 4), (4, 7)]
 
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=gen, dtype=F64)
@@ -239,20 +274,69 @@ def test_chunk_update_equals_literal_recurrence(momentum: bool, dgd: bool) -> No
     s0 = MemoryWeights(tuple(rand(2, o, i) / 4 for o, i in shapes)) if momentum else None
     grads = RankOneGrads(tuple(rand(2, n, o) for o, _ in shapes), tuple(rand(2, n, i) / 2 for _, i in shapes))
     eta, alpha = 0.4 * torch.rand(2, n, generator=gen, dtype=F64), 0.5 + 0.5 * torch.rand(2, n, generator=gen, dtype=F64)
-    beta = torch.rand(2, generator=gen, dtype=F64)
+    return w0, s0, grads, eta, alpha, torch.rand(2, generator=gen, dtype=F64)
+
+
+def chunk_update_outputs(w0: MemoryWeights, s0: MemoryWeights | None, grads: RankOneGrads, eta: Tensor,
+                         alpha: Tensor, beta: Tensor, dgd: bool) -> list[Tensor]:
+    n = eta.shape[-1]
     new = dgd_chunk_update(GroupState(w0, s0), grads, eta, alpha.log(), beta.log()[:, None].expand(2, n), dgd)
-    for layer, (_, i) in enumerate(shapes):
-        w = w0.layers[layer]
-        s = s0.layers[layer] if s0 is not None else torch.zeros_like(w)
-        for t in range(n):
-            z, d = grads.inputs[layer][:, t, :, None], grads.deltas[layer][:, t, :, None]
-            e, a = eta[:, t, None, None], alpha[:, t, None, None]
-            s = (beta[:, None, None] * s if momentum else 0) - e * d @ z.transpose(-1, -2)
-            w = w @ (a * torch.eye(i, dtype=F64) - e * z @ z.transpose(-1, -2)) + s if dgd else a * w + s
-        torch.testing.assert_close(new.weights.layers[layer], w)
-        if new.momentum is not None:
-            torch.testing.assert_close(new.momentum.layers[layer], s)
-    assert (new.momentum is None) == (not momentum)
+    assert (new.momentum is None) == (s0 is None)
+    out = []
+    for layer, w in enumerate(new.weights.layers):
+        out += [w, new.momentum.layers[layer]] if new.momentum is not None else [w]
+    return out
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("dgd", [True, False])
+def test_chunk_update_equals_literal_recurrence(momentum: bool, dgd: bool) -> None:
+    """``dgd_chunk_update`` over n tokens == the token-by-token recurrence with the same
+    (chunk-start) gradients."""
+    args = chunk_update_inputs(6, momentum)
+    for fast, literal in zip(chunk_update_outputs(*args, dgd), literal_chunk_update(*args, dgd), strict=True):
+        torch.testing.assert_close(fast, literal)
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("n", [1, 6])
+def test_chunk_update_gradients_equal_literal_recurrence(momentum: bool, n: int) -> None:
+    """The hand-written backward of the DGD update (``_DgdLayer``) == autograd through the
+    literal recurrence, for every input: weights, δ, z, η, α and momenta, β."""
+    w0, s0, grads, eta, alpha, beta = chunk_update_inputs(n, momentum, seed=n)
+    leaves = [*w0.layers, *grads.deltas, *grads.inputs, eta, alpha, *((*s0.layers, beta) if s0 is not None else ())]
+    for leaf in leaves:
+        leaf.requires_grad_()
+    weights = [torch.randn_like(w, dtype=F64) for w in literal_chunk_update(w0, s0, grads, eta, alpha, beta, True)]
+
+    def total_grads(outs: list[Tensor]) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights, strict=True)), leaves)
+
+    fast = total_grads(chunk_update_outputs(w0, s0, grads, eta, alpha, beta, True))
+    literal = total_grads(literal_chunk_update(w0, s0, grads, eta, alpha, beta, True))
+    for g_fast, g_literal in zip(fast, literal, strict=True):
+        torch.testing.assert_close(g_fast, g_literal, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_dgd_layer_gradcheck(momentum: bool) -> None:
+    """gradcheck and gradgradcheck of ``_DgdLayer`` on arbitrary (not only chunk-shaped)
+    coefficients, with z and the DGD system shared over a broadcast memory axis as in layer 1."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, o, i = 2, 3, 2, 3
+
+    def rand(*shape: int) -> Tensor:
+        return (0.5 * torch.randn(*shape, generator=gen, dtype=F64)).requires_grad_()
+
+    args = [rand(m, o, i), rand(m, o, i) if momentum else None, rand(m, n, o), rand(1, n, i), rand(m, n, o),
+            rand(m, 1, 1), rand(m, n, 1), rand(m, n, n), rand(m, n, 1), rand(1, n, n), rand(1, n, 1),
+            *((rand(m, n, 1), rand(m, 1, 1), rand(m, 1, 1), rand(m, n, 1)) if momentum else (None,) * 4)]
+
+    def fn(*xs: Tensor | None) -> tuple[Tensor, ...]:
+        return tuple(t for t in _DgdLayer.apply(*xs) if t is not None)
+
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
 
 
 def recall_batch(batch: int, pairs: int, dim: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -44,13 +44,15 @@ with z_i, δ_i the chunk-start inputs and gradients, γ_t = Π_{j<=t} α_j, p_t 
 
 i.e. the within-chunk product of the (α_i I - η_i z_i z_iᵀ) is resolved *exactly* by one
 unit-lower-triangular C×C solve for P = [p_t] (proof: unroll W_t = α_t W_{t-1} - η_t p_t z_tᵀ
-+ S_t and substitute S_s as in ``chunked``). Everything is differentiable torch, so the outer
-gradient flows through the in-context updates into W_q, the convolution, the readouts and the
-meta-learned initial memories.
++ S_t and substitute S_s as in ``chunked``). Everything is differentiable (the per-layer update
+is ``_DgdLayer``, an autograd Function whose hand-written backward is itself differentiable), so
+the outer gradient flows through the in-context updates into W_q, the convolution, the readouts
+and the meta-learned initial memories.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestlearn.memory.chunked import ChunkCoefficients, segment_sums
+from nestlearn.memory.chunked import segment_sums
 from nestlearn.memory.mlp import (
     Activation,
     MemoryMLPSpec,
@@ -224,104 +226,209 @@ def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_al
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
     against the weights' leading dims; ``log_beta`` is ignored without momentum."""
-    return _dgd_chunk_update(state, grads, None, eta, log_alpha, log_beta, dgd)
+    momentum = None if log_beta is None or state.momentum is None else _MomentumDecay.build(log_beta)
+    return _dgd_chunk_update(state, grads, None, eta, log_alpha, momentum, dgd)
 
 
 def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
-                      eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, dgd: bool) -> GroupState:
-    """``dgd_chunk_update``; ``reads``, when given, are the chunk-start reads W^(l)_0 z^(l)
-    ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
-    seg = segment_sums(log_alpha).exp()
-    gamma_prev, decay_prev = seg[..., :-1, 0], seg[..., :-1, 1:]  # γ_{t-1}, γ_{t-1}/γ_s (s < t)
-    gamma_n, decay_last = seg[..., -1, 0], seg[..., -1, 1:]  # γ_n, γ_n/γ_s
-    co: ChunkCoefficients | None = None
-    if state.momentum is None:
-        c_prev, c_last = decay_prev, decay_last
-    else:
-        if log_beta is None:
-            raise ValueError("a group with momentum needs log_beta")
-        co = ChunkCoefficients.build(log_beta, log_alpha)
-        c_prev = F.pad(co.c[..., :-1, :], (0, 0, 1, 0))  # c_{t-1,j}, zero row for t = 1
-        c_last = co.c[..., -1, :]
-    eta_cols = eta.unsqueeze(-2)
-    # Per-token weights of the chunk, shared by every layer.
-    last_w = (c_last * eta).unsqueeze(-1)  # c_{n,j} η_j
-    dgd_terms: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
-    if dgd:
-        b_prev = None if co is None else F.pad(co.b[..., :-1], (1, 0)).unsqueeze(-1)
-        dgd_terms = (gamma_prev.unsqueeze(-1), decay_prev * eta_cols, (decay_last * eta).unsqueeze(-1), b_prev)
-    coeffs = _DgdCoefficients(gamma_n[..., None, None], last_w, -(c_prev * eta_cols), dgd_terms,
-                              None if co is None else co.b[..., -1, None, None],
-                              None if co is None else co.E[..., -1, None, None],
-                              None if co is None else (co.momentum[..., -1, :] * eta).unsqueeze(-1))
-    w0s, deltas, zs = state.weights.layers, grads.deltas, grads.inputs
-    s0s = None if state.momentum is None else state.momentum.layers
-    if len(w0s) > 1 and len({tuple(w.shape) for w in w0s}) == 1 and len({tuple(d.shape) for d in deltas}) == 1 \
-            and len({tuple(z.shape) for z in zs}) == 1:
-        # Equal layer shapes: every layer in one batch (leading axis = layer).
-        new_w, new_s = _dgd_layer(torch.stack(w0s), None if s0s is None else torch.stack(s0s),
-                                  torch.stack(deltas), torch.stack(zs),
-                                  None if reads is None else torch.stack(reads), coeffs)
-        return GroupState(MemoryWeights(tuple(new_w.unbind(0))),
-                          None if new_s is None else MemoryWeights(tuple(new_s.unbind(0))))
+                      eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> GroupState:
+    """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
+    reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
+    if state.momentum is not None and momentum is None:
+        raise ValueError("a group with momentum needs its momentum decay")
+    co = _DgdCoefficients.build(eta, log_alpha, momentum if state.momentum is not None else None, dgd)
+    s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
-    for layer, (w0, delta, z) in enumerate(zip(w0s, deltas, zs, strict=True)):
-        w, s = _dgd_layer(w0, None if s0s is None else s0s[layer], delta, z,
-                          None if reads is None else reads[layer], coeffs)
+    for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
+                                                   strict=True)):
+        w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co)
         ws.append(w)
         if s is not None:
             ss.append(s)
-    return GroupState(MemoryWeights(tuple(ws)), None if s0s is None else MemoryWeights(tuple(ss)))
+    return GroupState(MemoryWeights(tuple(ws)), None if state.momentum is None else MemoryWeights(tuple(ss)))
+
+
+@dataclass(frozen=True)
+class _MomentumDecay:
+    """The factors of a chunk that depend on the momentum decay β alone, with E_s = Π_{j<=s} β_j:
+    ``rows`` ``(..., n, n+1)`` is [s, 0] = E_s, [s, i] = E_s / E_i (s = 1..n), ``e_n`` = E_n
+    ``(..., 1, 1)`` and ``last`` = E_n / E_j ``(..., n)``. β is constant over a call, so one
+    build serves every full chunk."""
+
+    rows: Tensor
+    e_n: Tensor
+    last: Tensor
+
+    @staticmethod
+    def build(log_beta: Tensor) -> _MomentumDecay:
+        n = log_beta.shape[-1]
+        rows = segment_sums(log_beta).exp().split_with_sizes([1, n], dim=-2)[1]
+        e_n, last = rows[..., -1, :].split_with_sizes([1, n], dim=-1)
+        return _MomentumDecay(rows, e_n.unsqueeze(-1), last)
 
 
 @dataclass(frozen=True)
 class _DgdCoefficients:
-    """Layer-independent factors of ``dgd_chunk_update`` (each broadcast against a layer)."""
+    """Layer-independent factors of ``dgd_chunk_update``, each broadcast against a layer's
+    ``(..., n, ·)`` tensors. With γ_t and the extended momentum sums c_{t,j}, b_t of
+    ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0 = 0), one
+    (n+1)×(n+1) product gives every c and b at once, and the DGD terms are parts of it (taken
+    with ``split``: the backward of a slice would zero-fill the whole matrix per slice)."""
 
     gamma_n: Tensor  # γ_n, (..., 1, 1)
     last_w: Tensor  # c_{n,j} η_j, (..., n, 1)
     c_prev_eta: Tensor  # -c_{t-1,j} η_j, (..., n, n)
-    dgd: tuple[Tensor, Tensor, Tensor, Tensor | None] | None  # γ_{t-1}, (γ_{t-1}/γ_s) η_s, (γ_n/γ_s) η_s, b_{t-1}
-    b_n: Tensor | None
-    e_n: Tensor | None
+    gamma_prev: Tensor  # γ_{t-1}, (..., n, 1)
+    decay_eta: Tensor  # (γ_{t-1}/γ_s) η_s (s < t), (..., n, n)
+    decay_last_eta: Tensor  # (γ_n/γ_s) η_s, (..., n, 1)
+    b_prev: Tensor | None  # b_{t-1}, (..., n, 1)
+    b_n: Tensor | None  # b_n, (..., 1, 1)
+    e_n: Tensor | None  # E_n, (..., 1, 1)
     step_w: Tensor | None  # (E_n / E_j) η_j, (..., n, 1)
+    dgd: bool
 
-
-def _cat_broadcast(tensors: list[Tensor], dim: int) -> Tensor:
-    """``torch.cat`` along a matrix dim (-1 or -2) after broadcasting the leading (batch) dims."""
-    rank = max(t.dim() for t in tensors) - 2  # batch dims; sizes are 1 or equal (broadcastable)
-    batch = [max(t.shape[-2 - i] if t.dim() - 2 >= i else 1 for t in tensors) for i in range(rank, 0, -1)]
-    return torch.cat([t.expand(*batch, *t.shape[-2:]) for t in tensors], dim=dim)
+    @staticmethod
+    def build(eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> _DgdCoefficients:
+        n = eta.shape[-1]
+        # [t, 0] = γ_t, [t, s] = γ_t / γ_s for t = 0..n (0 = chunk start)
+        gamma, decay = segment_sums(log_alpha).exp().split_with_sizes([1, n], dim=-1)
+        gamma_prev, gamma_n = gamma.split_with_sizes([n, 1], dim=-2)
+        decay_prev, decay_last = decay.split_with_sizes([n, 1], dim=-2)
+        eta_cols = eta.unsqueeze(-2)
+        b_prev = b_n = e_n = step_w = None
+        if momentum is None:
+            c_prev, c_last = decay_prev, decay_last  # c_{t,j} = γ_t / γ_j without momentum
+        else:
+            b, c = (decay @ momentum.rows).split_with_sizes([1, n], dim=-1)  # b_t, c_{t,j}
+            b_prev, b_n = b.split_with_sizes([n, 1], dim=-2)
+            c_prev, c_last = c.split_with_sizes([n, 1], dim=-2)
+            e_n, step_w = momentum.e_n, (momentum.last * eta).unsqueeze(-1)
+        return _DgdCoefficients(
+            gamma_n=gamma_n, last_w=(c_last * eta_cols).transpose(-1, -2), c_prev_eta=-(c_prev * eta_cols),
+            gamma_prev=gamma_prev, decay_eta=decay_prev * eta_cols,
+            decay_last_eta=(decay_last * eta_cols).transpose(-1, -2),
+            b_prev=b_prev, b_n=b_n, e_n=e_n, step_w=step_w, dgd=dgd)
 
 
 def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,
                co: _DgdCoefficients) -> tuple[Tensor, Tensor | None]:
-    """(W_n, S_n) of one layer (or a stack of equally shaped layers) after a chunk."""
-    out = w0.shape[-2]
-    rows = delta * co.last_w
-    if co.dgd is not None:
-        gamma_prev, decay_eta, decay_last_eta, b_prev = co.dgd
-        gram = z @ z.transpose(-1, -2)
-        # rhs_t = γ_{t-1} W_0 z_t + b_{t-1} S_0 z_t - Σ_j c_{t-1,j} η_j (z_j·z_t) δ_j as one product
-        left = [co.c_prev_eta * gram]
-        right = [delta]
-        if read is None:
-            left.append(gamma_prev * z)
-            right.append(w0.transpose(-1, -2))
-        if s0 is not None and b_prev is not None:
-            left.append(b_prev * z)
-            right.append(s0.transpose(-1, -2))
-        rhs = _cat_broadcast(left, -1) @ _cat_broadcast(right, -2)
-        if read is not None:
-            rhs = rhs + gamma_prev * read
-        p = torch.linalg.solve_triangular(decay_eta * gram, rhs, upper=False, unitriangular=True)
-        rows = rows + p * decay_last_eta
+    """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
+    leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
+    if co.dgd:
+        args = (w0, s0, delta, z, linear(w0, z) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
+                co.gamma_prev, co.decay_eta, co.decay_last_eta, co.b_prev, co.b_n, co.e_n, co.step_w)
+        # One dtype inside (autocast mixes bf16 products with fp32 weights); autograd casts back.
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in args if t is not None))
+        with torch.autocast(w0.device.type, enabled=False):
+            out: tuple[Tensor, Tensor | None] = _DgdLayer.apply(  # type: ignore[no-untyped-call]
+                *(None if t is None else t.to(dtype) for t in args))
+        return out
+    update = (delta * co.last_w).transpose(-1, -2) @ z
     if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
-        return co.gamma_n * w0 - rows.transpose(-1, -2) @ z, None
-    step = delta * co.step_w
-    both = torch.cat([rows, step], dim=-1).transpose(-1, -2) @ z  # one product for W and S
-    return co.gamma_n * w0 + co.b_n * s0 - both[..., :out, :], co.e_n * s0 - both[..., out:, :]
+        return co.gamma_n * w0 - update, None
+    return (co.gamma_n * w0 + co.b_n * s0 - update,
+            co.e_n * s0 - (delta * co.step_w).transpose(-1, -2) @ z)
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    return x.sum(-1, keepdim=True)
+
+
+class _DgdLayer(torch.autograd.Function):
+    """The DGD chunk update of one layer (``_dgd_layer``) with a hand-written backward.
+
+    Forward, with G = Z Zᵀ, Δ = [δ_t], A = -c_{t-1,j} η_j ⊙ G, L = I + strict_lower(de ⊙ G):
+
+        rhs = A Δ + γ_{t-1} ⊙ read + b_{t-1} ⊙ Z S_0ᵀ,   P = L⁻¹ rhs,
+        R = c_{n,j} η_j ⊙ Δ + (γ_n/γ_j) η_j ⊙ P,       W_n = γ_n W_0 + b_n S_0 - Rᵀ Z,
+        S_n = E_n S_0 - ((E_n/E_j) η_j ⊙ Δ)ᵀ Z.
+
+    Autograd of these ops keeps every broadcast product and accumulates into many temporaries;
+    here backward saves only the inputs, G and P (R is recomputed), does one transposed solve
+    and reduces broadcast gradients (e.g. the layer-1 system shared by the stacked memories)
+    before multiplying. It is written with differentiable ops and, under ``create_graph``,
+    rebuilds G and P from the inputs, so double backward works too.
+    """
+
+    @staticmethod
+    def solve(s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor, c_prev_eta: Tensor, gamma_prev: Tensor,
+              decay_eta: Tensor, b_prev: Tensor | None) -> tuple[Tensor, Tensor]:
+        """G and P (the DGD terms p_t)."""
+        gram = z @ z.transpose(-1, -2)
+        rhs = torch.addcmul((c_prev_eta * gram) @ delta, gamma_prev, read)
+        if s0 is not None and b_prev is not None:
+            rhs = rhs + linear(s0, b_prev * z)
+        return gram, torch.linalg.solve_triangular(decay_eta * gram, rhs, upper=False, unitriangular=True)
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, w0: Tensor, s0: Tensor | None, delta: Tensor,
+                z: Tensor, read: Tensor, gamma_n: Tensor, last_w: Tensor, c_prev_eta: Tensor,
+                gamma_prev: Tensor, decay_eta: Tensor, decay_last_eta: Tensor, b_prev: Tensor | None,
+                b_n: Tensor | None, e_n: Tensor | None, step_w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+        rows = torch.addcmul(delta * last_w, p, decay_last_eta)
+        new_w = gamma_n * w0 - rows.transpose(-1, -2) @ z
+        new_s = None
+        if s0 is not None:
+            assert b_n is not None and e_n is not None and step_w is not None
+            new_w = new_w + b_n * s0
+            new_s = e_n * s0 - (delta * step_w).transpose(-1, -2) @ z
+        saved = (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta,
+                 decay_last_eta, b_prev, b_n, e_n, step_w)
+        ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # None entries are allowed
+        return new_w, new_s
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_w: Tensor, g_s: Tensor | None,
+                 ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(g_w.device.type, enabled=False):
+            return _DgdLayer._backward(ctx.saved_tensors, g_w, g_s)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _backward(saved: tuple[Tensor, ...], g_w: Tensor, g_s: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The gradients of the inputs; without momentum s0 and its factors are ``None`` in ``saved``."""
+        (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta, decay_last_eta,
+         b_prev, b_n, e_n, step_w) = saved
+        if torch.is_grad_enabled():  # double backward: G and P as functions of the inputs
+            gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+        # Signs are moved onto the small (n, 1) and (1, 1) factors: h = -dL/dR, r = -dL/d(rhs),
+        # acc = -dL/dZ (before the Gram term).
+        rows = torch.addcmul(delta * last_w, p, decay_last_eta)
+        h = z @ g_w.transpose(-1, -2)
+        acc = rows @ g_w
+        g_delta = h * -last_w
+        g_s0 = g_bp = g_bn = g_en = g_sw = None
+        if s0 is not None:
+            assert g_s is not None
+            h_s = z @ g_s.transpose(-1, -2)
+            acc = acc + (delta * step_w) @ g_s
+            g_delta = torch.addcmul(g_delta, h_s, step_w, value=-1)
+            g_sw = -_row_sum(h_s * delta)
+            g_s0 = torch.addcmul(b_n * g_w, e_n, g_s)
+            g_bn = (g_w * s0).sum((-2, -1), keepdim=True)
+            g_en = (g_s * s0).sum((-2, -1), keepdim=True)
+        system = decay_eta * gram
+        r = torch.linalg.solve_triangular(system.transpose(-1, -2), h * decay_last_eta, upper=True, unitriangular=True)
+        g_system = (r @ p.transpose(-1, -2)).sum_to_size(system.shape).tril(-1)
+        q = r @ delta.transpose(-1, -2)  # -dL/dA
+        g_delta = g_delta - (c_prev_eta * gram).transpose(-1, -2) @ r
+        g_gram = (g_system * decay_eta).sum_to_size(gram.shape) - (q * c_prev_eta).sum_to_size(gram.shape)
+        if s0 is not None:
+            u = r @ s0
+            acc = torch.addcmul(acc, b_prev, u)
+            g_bp = -_row_sum(z * u)
+            g_s0 = g_s0 - (b_prev * r).transpose(-1, -2) @ z
+        g_z = (g_gram + g_gram.transpose(-1, -2)) @ z - acc.sum_to_size(z.shape)
+
+        def fit(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return None if g is None or like is None else g.sum_to_size(like.shape)
+
+        return (fit(gamma_n * g_w, w0), fit(g_s0, s0), fit(g_delta, delta), g_z, fit(r * -gamma_prev, read),
+                fit((g_w * w0).sum((-2, -1), keepdim=True), gamma_n), fit(-_row_sum(h * delta), last_w),
+                fit(-(q * gram), c_prev_eta), fit(-_row_sum(r * read), gamma_prev),
+                fit(g_system * gram, decay_eta), fit(-_row_sum(h * p), decay_last_eta),
+                fit(g_bp, b_prev), fit(g_bn, b_n), fit(g_en, e_n), fit(g_sw, step_w))
 
 
 S = TypeVar("S")
@@ -549,9 +656,10 @@ class SelfRefTitans(nn.Module):
         weights = stack(state.other.weights, state.memory.weights)
         momentum = (None if state.other.momentum is None or state.memory.momentum is None
                     else stack(state.other.momentum, state.memory.momentum))
-        log_beta = None
+        decay = None  # the β factors of a full chunk, shared by all of them
         if log_momentum is not None:
             log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, n_other + 1)
+            decay = _MomentumDecay.build(log_beta.unsqueeze(-1).expand(*log_beta.shape, chunk))
         outs: list[Tensor] = []
         surprise: list[Tensor] = []
         packs: list[Tensor] = []
@@ -565,19 +673,18 @@ class SelfRefTitans(nn.Module):
                 break
             inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]),
                              qs.unsqueeze(-3)], dim=-3)
-            out = mlp_forward(weights, inp, spec)
-            tw = self.token_writes(out[..., :n_other, :, :], xs)
+            other_out, memory_out = mlp_forward(weights, inp, spec).split_with_sizes([n_other, 1], dim=-3)
+            tw = self.token_writes(other_out, xs)
             k, v, eta, log_alpha = tw.k, tw.v, tw.eta, tw.log_alpha
-            outs.append(out[..., n_other, first:, :])
+            outs.append(memory_out[..., 0, first:, :])
             packs.append(torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first:, :])
             if not complete:
                 continue
             grads, reads = _target_grads(weights, v, k, spec)
             surprise.append(grads.sq_norm().detach()[..., n_other, :])  # M_memory's
-            lb = None if log_beta is None else log_beta.unsqueeze(-1).expand(*log_beta.shape, n)
             new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None
                                                else MemoryWeights(momentum)),
-                                    grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), lb, c.dgd)
+                                    grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), decay, c.dgd)
             weights = new.weights.layers
             momentum = None if new.momentum is None else new.momentum.layers
 
@@ -609,22 +716,21 @@ class SelfRefTitans(nn.Module):
 def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: MemoryMLPSpec,
                   ) -> tuple[RankOneGrads, tuple[Tensor, ...]]:
     """Closed-form gradients of ℓ = ||M(k_t) - v̂_t||² with each memory's own target v̂ = M(v_t):
-    the same as ``l2_loss_grads(layers, k, mlp_forward(layers, v))``, one matmul per layer for
-    both reads. v, k ``(B, H, n, d)``, shared by the memories stacked on dim -3. Also returns
-    the pre-activations W^(l) z^(l) of the k reads."""
-    n = v.shape[-2]
-    x = torch.cat([v, k], dim=-2).unsqueeze(-3)
-    a = x
+    the same as ``l2_loss_grads(layers, k, mlp_forward(layers, v))``. v, k ``(B, H, n, d)``,
+    shared by the memories stacked on dim -3. Also returns the pre-activations W^(l) z^(l) of
+    the k reads. The v and k reads are separate products (not one on their concatenation):
+    slicing a concatenation costs a zero-filled gradient of the whole per slice in backward."""
+    a_v, a_k = v.unsqueeze(-3), k.unsqueeze(-3)
     inputs: list[Tensor] = []
     pre: list[Tensor] = []
     depth = len(layers)
     for i, w in enumerate(layers):
-        inputs.append(a[..., n:, :].expand(*w.shape[:-2], n, a.shape[-1]) if i == 0 else a[..., n:, :])
-        u = linear(w, a)
-        pre.append(u[..., n:, :])
-        a = activate(u, spec.activation) if i < depth - 1 else u
-    out = a + x if spec.residual else a
-    delta = 2 * (out[..., n:, :] - out[..., :n, :])
+        inputs.append(a_k)  # z^(1) = k_t, shared by the stacked memories
+        u_v, u_k = linear(w, a_v), linear(w, a_k)
+        pre.append(u_k)
+        a_v, a_k = (activate(u_v, spec.activation), activate(u_k, spec.activation)) if i < depth - 1 else (u_v, u_k)
+    diff = a_k - a_v
+    delta = 2 * (diff + (k - v).unsqueeze(-3) if spec.residual else diff)
     deltas = [delta]
     for i in range(depth - 1, 0, -1):
         delta = (delta @ layers[i]) * activation_derivative(pre[i - 1], spec.activation)
