@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    # v_norm as `hope` runs it (model.self_ref.v_norm): without it the self-generated targets
+    # overflow on unit-variance inputs within a few hundred tokens and the timing would be of NaNs.
     base = SelfRefTitansConfig(d_model=args.dim, heads=args.heads, head_dim=args.dim // args.heads,
                                depth=args.depth, expansion=args.expansion, memory_chunk_size=args.chunk,
-                               other_chunk_size=args.other_chunk or args.chunk)
+                               other_chunk_size=args.other_chunk or args.chunk, v_norm=True)
     layer = SelfRefTitans(base)
     x = torch.randn(args.batch, args.seq_len, args.dim, requires_grad=True)
     x_ref = x[:, :args.ref_len].detach().requires_grad_()
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             cases.append((name, run_layer(ablated), x, args.repeats))
     rows: list[dict[str, Any]] = []
     for name, fn, inp, reps in cases:
+        with torch.no_grad():
+            if not torch.isfinite(fn(inp)).all():
+                raise SystemExit(f"{name}: the layer's output is not finite on these inputs")
         seconds = time_train(fn, inp, reps)
         rows.append({"path": name, "tokens": inp.shape[0] * inp.shape[1], "seconds": seconds,
                      "tokens_per_s": inp.shape[0] * inp.shape[1] / seconds})
