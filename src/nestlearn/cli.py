@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nestlearn import __version__
 
-DEFAULT_CONFIG = "transformer/pilot_smoke"
+DEFAULT_CONFIG = "hope/pilot_smoke"
 
 
 def _parser() -> argparse.ArgumentParser:
