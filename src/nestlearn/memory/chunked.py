@@ -79,6 +79,13 @@ class ChunkCoefficients:
         return ChunkCoefficients(A=seg_a[..., 1:, 0], E=e, b=(p_a @ e.unsqueeze(-1)).squeeze(-1),
                                  c=p_a @ p_e, momentum=p_e)
 
+    def unbind(self) -> list[ChunkCoefficients]:
+        """One ``ChunkCoefficients`` per chunk of coefficients built for a batch of chunks
+        (the chunk axis right before the token axes)."""
+        fields = (self.A.unbind(-2), self.E.unbind(-2), self.b.unbind(-2), self.c.unbind(-3),
+                  self.momentum.unbind(-3))
+        return [ChunkCoefficients(*f) for f in zip(*fields, strict=True)]
+
 
 def _retrieve(q: Tensor, rows: slice, weights: MemoryWeights, momentum: MemoryWeights,
               grads: RankOneGrads, step: Tensor, co: ChunkCoefficients, spec: MemoryMLPSpec) -> Tensor:
@@ -113,14 +120,17 @@ class ChunkResult:
 
 
 def memory_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, q: Tensor,
-                 spec: MemoryMLPSpec, grad_clip: float | None, advance: bool) -> ChunkResult:
+                 spec: MemoryMLPSpec, grad_clip: float | None, advance: bool,
+                 co: ChunkCoefficients | None = None) -> ChunkResult:
     """One chunk from (M_0, S_0): ``writes`` are its n tokens so far; ``q`` the queries of its
-    last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n)."""
+    last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n). ``co``: the chunk's
+    coefficients if already built (they depend on the gates only)."""
     n = writes.length
     grads = l2_loss_grads(weights.layers, writes.k, writes.v, spec)
     sq = grads.sq_norm()
     step = writes.theta * clip_factors(sq, grad_clip)
-    co = ChunkCoefficients.build(writes.log_eta, writes.log_keep)
+    if co is None:
+        co = ChunkCoefficients.build(writes.log_eta, writes.log_keep)
     y = _retrieve(q, slice(n - q.shape[-2], n), weights, momentum, grads, step, co, spec)
     if not advance:
         return ChunkResult(y, None, None, sq)
@@ -165,24 +175,31 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
     p = buffer.length
     stream = buffer.cat(writes)
     total = stream.length
+    n_full, tail = divmod(total, chunk_size)
+    sizes = [chunk_size] * n_full + ([tail] if tail else [])
+    starts = range(0, total, chunk_size)
+    q_sizes = [size - max(0, p - start) for start, size in zip(starts, sizes, strict=True)]
+    # Split, not slice, per chunk: see ``Writes.split``. The gate coefficients of all complete
+    # chunks are built in one batched op before the loop (they do not depend on the memory).
+    pieces, queries = stream.split(sizes), torch.split(q, q_sizes, dim=-2)
+    coefficients = ChunkCoefficients.build(
+        *(t[..., :n_full * chunk_size].reshape(*t.shape[:-1], n_full, chunk_size)
+          for t in (stream.log_eta, stream.log_keep))).unbind() if n_full else []
     ys: list[Tensor] = []
     sq: list[Tensor] = []
-    for start in range(0, total, chunk_size):
-        end = min(start + chunk_size, total)
-        first = max(start, p)  # first new token of this chunk
-        complete = end - start == chunk_size
-        if first == end and not complete:
+    for j, (piece, q_chunk) in enumerate(zip(pieces, queries, strict=True)):
+        complete = j < n_full
+        if not q_chunk.shape[-2] and not complete:
             break  # nothing new to read in an unfinished chunk
-        res = memory_chunk(weights, momentum, stream.slice(start, end), q[..., first - p:end - p, :],
-                           spec, grad_clip, advance=complete)
+        res = memory_chunk(weights, momentum, piece, q_chunk, spec, grad_clip, advance=complete,
+                           co=coefficients[j] if complete else None)
         ys.append(res.y)
-        sq.append(res.sq_norms[..., first - start:])
+        sq.append(res.sq_norms[..., piece.length - q_chunk.shape[-2]:])
         if res.weights is not None and res.momentum is not None:
             weights, momentum = res.weights, res.momentum
-    rest = total - total % chunk_size
     y = torch.cat(ys, dim=-2) if ys else q
     sq_norms = torch.cat(sq, dim=-1) if sq else q.new_zeros(q.shape[:-1])
-    return ScanResult(y, weights, momentum, stream.slice(rest, total), sq_norms)
+    return ScanResult(y, weights, momentum, stream.slice(n_full * chunk_size, total), sq_norms)
 
 
 def current_memory(weights: MemoryWeights, momentum: MemoryWeights, buffer: Writes,
