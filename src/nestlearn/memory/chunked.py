@@ -28,11 +28,20 @@ Everything is ordinary differentiable torch ops, so the outer loop backpropagate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, activate, l2_loss_grads, linear
+from nestlearn.memory.mlp import (
+    LossGradsTrace,
+    MemoryMLPSpec,
+    activate,
+    activation_derivative,
+    activation_second_derivative,
+    l2_loss_grads_trace,
+    linear,
+)
 from nestlearn.memory.state import MemoryWeights, Writes
 
 
@@ -87,25 +96,208 @@ class ChunkCoefficients:
         return [ChunkCoefficients(*f) for f in zip(*fields, strict=True)]
 
 
-def _retrieve(q: Tensor, rows: slice, weights: MemoryWeights, momentum: MemoryWeights,
-              grads: RankOneGrads, step: Tensor, co: ChunkCoefficients, spec: MemoryMLPSpec) -> Tensor:
-    """y_t = M_t(q_t) for the chunk positions ``rows`` (q holds exactly those tokens)."""
-    a_t = co.A[..., rows].unsqueeze(-1)
-    b_t = co.b[..., rows].unsqueeze(-1)
-    mix = co.c[..., rows, :] * step.unsqueeze(-2)  # c_{t,i} θ_i
-    a = q
-    depth = len(weights.layers)
-    for layer, (w0, s0, delta, z) in enumerate(zip(weights.layers, momentum.layers, grads.deltas,
-                                                    grads.inputs, strict=True)):
-        u = a_t * linear(w0, a) + b_t * linear(s0, a) - (mix * (a @ z.transpose(-1, -2))) @ delta
-        a = activate(u, spec.activation) if layer < depth - 1 else u
-    return a + q if spec.residual else a
+class ChunkInputs(NamedTuple):
+    """The tensors one chunk reads (``memory_chunk``): M_0 and S_0 per layer; the n tokens'
+    k, v, θ; the m queried tokens' q and coefficients A_t, b_t ``(..., m)``, c_{t,i}
+    ``(..., m, n)``; with ``advance``, ``last`` = (c_{n,i}, E_n / E_i) ``(..., n)`` and
+    (A_n, b_n, E_n) ``(...)``, else ()."""
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    k: Tensor
+    v: Tensor
+    theta: Tensor
+    q: Tensor
+    a_rows: Tensor
+    b_rows: Tensor
+    c_rows: Tensor
+    last: tuple[Tensor, ...]
+
+    def flatten(self) -> tuple[Tensor, ...]:
+        return (*self.weights, *self.momentum, self.k, self.v, self.theta, self.q, self.a_rows,
+                self.b_rows, self.c_rows, *self.last)
+
+    @staticmethod
+    def unflatten(flat: tuple[Tensor, ...], depth: int) -> ChunkInputs:
+        k, v, theta, q, a_rows, b_rows, c_rows, *last = flat[2 * depth:]
+        return ChunkInputs(flat[:depth], flat[depth:2 * depth], k, v, theta, q, a_rows, b_rows,
+                           c_rows, tuple(last))
 
 
-def _weighted_outer(grads: RankOneGrads, weight: Tensor) -> MemoryWeights:
-    """Σ_i weight_i δ^(l)_i ⊗ z^(l)_i per layer, weight ``(..., n)``."""
-    return MemoryWeights(tuple((d * weight.unsqueeze(-1)).transpose(-1, -2) @ z
-                               for d, z in zip(grads.deltas, grads.inputs, strict=True)))
+@dataclass(frozen=True)
+class _ChunkTrace:
+    """Intermediates of ``_chunk_forward`` that ``_chunk_backward`` reuses: the gradient pass,
+    ||g_t||², the clip factors, step_i = θ_i clip_i, mix_{t,i} = c_{t,i} step_i, and per layer
+    of the retrieval its input a^(l) (a^(0) = q), hidden pre-activation and Gram a^(l) z^(l)ᵀ."""
+
+    loss: LossGradsTrace
+    sq: Tensor
+    clip: Tensor
+    step: Tensor
+    mix: Tensor
+    acts: tuple[Tensor, ...]
+    pre: tuple[Tensor, ...]
+    gram: tuple[Tensor, ...]
+
+
+def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
+                   ) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
+    """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``)."""
+    loss = l2_loss_grads_trace(x.weights, x.k, x.v, spec)
+    deltas, inputs = loss.grads.deltas, loss.grads.inputs
+    sq = loss.grads.sq_norm()
+    clip = clip_factors(sq, grad_clip)
+    step = x.theta * clip
+    mix = x.c_rows * step.unsqueeze(-2)
+    a_t, b_t = x.a_rows.unsqueeze(-1), x.b_rows.unsqueeze(-1)
+    acts, pre, gram = [x.q], [], []
+    depth = len(x.weights)
+    for layer, (w, s, d, z) in enumerate(zip(x.weights, x.momentum, deltas, inputs, strict=True)):
+        gram.append(acts[-1] @ z.mT)
+        u = a_t * linear(w, acts[-1]) + b_t * linear(s, acts[-1]) - (mix * gram[-1]) @ d
+        if layer < depth - 1:
+            pre.append(u)
+            acts.append(activate(u, spec.activation))
+    y = u + x.q if spec.residual else u
+    trace = _ChunkTrace(loss, sq, clip, step, mix, tuple(acts), tuple(pre), tuple(gram))
+    if not x.last:
+        return (y, sq), trace
+    c_n, p_n, a_n, b_n, e_n = (t.unsqueeze(-1) for t in x.last)
+    wm, ws = c_n * step.unsqueeze(-1), p_n * step.unsqueeze(-1)
+    a_n, b_n, e_n = a_n.unsqueeze(-1), b_n.unsqueeze(-1), e_n.unsqueeze(-1)
+    new_m = tuple(a_n * w + b_n * s - (d * wm).mT @ z
+                  for w, s, d, z in zip(x.weights, x.momentum, deltas, inputs, strict=True))
+    new_s = tuple(e_n * s - (d * ws).mT @ z for s, d, z in zip(x.momentum, deltas, inputs, strict=True))
+    return (y, sq, *new_m, *new_s), trace
+
+
+def _add(acc: Tensor | None, x: Tensor) -> Tensor:
+    return x if acc is None else acc + x
+
+
+def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_clip: float | None,
+                    gy: Tensor, g_sq: Tensor, g_state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Vector-Jacobian product of ``_chunk_forward``: the gradients of ``x.flatten()``.
+
+    Retrieval and state update first (they give the gradients wrt the rank-one factors δ^(l),
+    z^(l), the step and the coefficients), then ||g||² and the clip, then back through the
+    gradient pass (δ chain, which needs act'', then the MLP's forward chain).
+    """
+    depth = len(x.weights)
+    ws_, ss_ = x.weights, x.momentum
+    deltas, inputs = tr.loss.grads.deltas, tr.loss.grads.inputs
+    gw: list[Tensor | None] = [None] * depth
+    gs: list[Tensor | None] = [None] * depth
+    gd: list[Tensor | None] = [None] * depth
+    gz: list[Tensor | None] = [None] * depth
+    a_t, b_t = x.a_rows.unsqueeze(-1), x.b_rows.unsqueeze(-1)
+    g_a_rows: Tensor | None = None
+    g_b_rows: Tensor | None = None
+    g_mix: Tensor | None = None
+    gq: Tensor | None = gy if spec.residual else None
+    gu = gy
+    for layer in reversed(range(depth)):  # retrieval: u = A W a + b S a - (mix ⊙ a zᵀ) δ
+        a, gram, d, z = tr.acts[layer], tr.gram[layer], deltas[layer], inputs[layer]
+        hw, hs = gu @ ws_[layer], gu @ ss_[layer]
+        g_a_rows = _add(g_a_rows, (hw * a).sum(-1))
+        g_b_rows = _add(g_b_rows, (hs * a).sum(-1))
+        gw[layer] = (a_t * gu).mT @ a
+        gs[layer] = (b_t * gu).mT @ a
+        gp = gu @ d.mT  # minus the gradient wrt mix ⊙ gram
+        g_mix = _add(g_mix, -gp * gram)
+        gg = gp * tr.mix  # minus the gradient wrt gram
+        gd[layer] = -(tr.mix * gram).mT @ gu
+        gz[layer] = -gg.mT @ a
+        ga = a_t * hw + b_t * hs - gg @ z
+        if layer:
+            gu = ga * activation_derivative(tr.pre[layer - 1], spec.activation)
+        else:
+            gq = _add(gq, ga)
+    assert g_mix is not None and g_a_rows is not None and g_b_rows is not None and gq is not None
+    g_step = (g_mix * x.c_rows).sum(-2)
+    g_last: tuple[Tensor, ...] = ()
+    if x.last:  # M_n = A_n M_0 + b_n S_0 - Σ_i wm_i δ_i ⊗ z_i, S_n = E_n S_0 - Σ_i ws_i δ_i ⊗ z_i
+        c_n, p_n, a_n, b_n, e_n = x.last
+        wm, ws = (c_n * tr.step).unsqueeze(-1), (p_n * tr.step).unsqueeze(-1)
+        g_wm: Tensor | None = None
+        g_ws: Tensor | None = None
+        g_a_n: Tensor | None = None
+        g_b_n: Tensor | None = None
+        g_e_n: Tensor | None = None
+        for layer in range(depth):
+            gm, gsl = g_state[layer], g_state[depth + layer]
+            w, s, d, z = ws_[layer], ss_[layer], deltas[layer], inputs[layer]
+            gw[layer] = _add(gw[layer], a_n[..., None, None] * gm)
+            gs[layer] = _add(gs[layer], b_n[..., None, None] * gm + e_n[..., None, None] * gsl)
+            g_a_n = _add(g_a_n, (gm * w).sum((-2, -1)))
+            g_b_n = _add(g_b_n, (gm * s).sum((-2, -1)))
+            g_e_n = _add(g_e_n, (gsl * s).sum((-2, -1)))
+            hm, hs = z @ gm.mT, z @ gsl.mT
+            gd[layer] = _add(gd[layer], -(hm * wm + hs * ws))
+            g_wm = _add(g_wm, -(hm * d).sum(-1))
+            g_ws = _add(g_ws, -(hs * d).sum(-1))
+            gz[layer] = _add(gz[layer], -((d * wm) @ gm + (d * ws) @ gsl))
+        assert g_wm is not None and g_ws is not None
+        assert g_a_n is not None and g_b_n is not None and g_e_n is not None
+        g_step = g_step + g_wm * c_n + g_ws * p_n
+        g_last = (g_wm * tr.step, g_ws * tr.step, g_a_n, g_b_n, g_e_n)
+    if grad_clip is not None:  # clip = grad_clip / sqrt(max(sq, grad_clip²))
+        bound = grad_clip**2
+        g_clip = g_step * x.theta * tr.clip / tr.sq.clamp_min(bound)
+        g_sq = g_sq - 0.5 * g_clip.masked_fill(tr.sq < bound, 0.0)
+    for layer in range(depth):  # sq = Σ_l ||δ^(l)||² ||z^(l)||²
+        d, z = deltas[layer], inputs[layer]
+        gd[layer] = _add(gd[layer], 2 * (g_sq * z.square().sum(-1)).unsqueeze(-1) * d)
+        gz[layer] = _add(gz[layer], 2 * (g_sq * d.square().sum(-1)).unsqueeze(-1) * z)
+    g_pre: list[Tensor] = []
+    for layer in range(depth - 1):  # δ^(l) = (δ^(l+1) W^(l+1)) ⊙ act'(u^(l))
+        g = gd[layer]
+        assert g is not None
+        g_back = g * tr.loss.slopes[layer]
+        g_pre.append(g * tr.loss.back[layer]
+                     * activation_second_derivative(tr.loss.pre[layer], spec.activation))
+        gd[layer + 1] = _add(gd[layer + 1], g_back @ ws_[layer + 1].mT)
+        gw[layer + 1] = _add(gw[layer + 1], deltas[layer + 1].mT @ g_back)
+    g_out = gd[-1]
+    assert g_out is not None
+    g_out = 2 * g_out  # δ^(L) = 2 (M(k) - v)
+    gk: Tensor | None = g_out if spec.residual else None
+    gu = g_out
+    for layer in reversed(range(depth)):  # the MLP on k
+        g = gz[layer]
+        assert g is not None
+        gw[layer] = _add(gw[layer], gu.mT @ inputs[layer])
+        g = g + gu @ ws_[layer]
+        if layer:
+            gu = g * tr.loss.slopes[layer - 1] + g_pre[layer - 1]
+        else:
+            gk = _add(gk, g)
+    assert gk is not None
+    g_weights = [g for g in gw if g is not None]
+    g_momentum = [g for g in gs if g is not None]
+    return (*g_weights, *g_momentum, gk, -g_out, g_step * tr.clip, gq, g_a_rows, g_b_rows,
+            g_mix * tr.step.unsqueeze(-2), *g_last)
+
+
+class _MemoryChunk(torch.autograd.Function):
+    """``_chunk_forward`` with the hand-written ``_chunk_backward``: autograd through the
+    chunk's many small ops cost more than its matmuls. Under ``create_graph`` the backward
+    recomputes the intermediates with a graph, so it is differentiable in turn."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: MemoryMLPSpec, grad_clip: float | None, depth: int,
+                *flat: Tensor) -> tuple[Tensor, ...]:
+        outs, trace = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip)
+        ctx.save_for_backward(*flat)
+        ctx.trace, ctx.spec, ctx.grad_clip, ctx.depth = trace, spec, grad_clip, depth
+        y, sq, *state = outs
+        return (y, sq.clone(), *state)  # the trace keeps sq: no output may live on ctx
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor, g_sq: Tensor, *g_state: Tensor) -> tuple[Tensor | None, ...]:
+        x = ChunkInputs.unflatten(ctx.saved_tensors, ctx.depth)
+        trace = _chunk_forward(x, ctx.spec, ctx.grad_clip)[1] if torch.is_grad_enabled() else ctx.trace
+        return (None, None, None, *_chunk_backward(x, trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state))
 
 
 @dataclass(frozen=True)
@@ -125,26 +317,23 @@ def memory_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes
     """One chunk from (M_0, S_0): ``writes`` are its n tokens so far; ``q`` the queries of its
     last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n). ``co``: the chunk's
     coefficients if already built (they depend on the gates only)."""
-    n = writes.length
-    grads = l2_loss_grads(weights.layers, writes.k, writes.v, spec)
-    sq = grads.sq_norm()
-    step = writes.theta * clip_factors(sq, grad_clip)
+    n, depth = writes.length, len(weights.layers)
     if co is None:
         co = ChunkCoefficients.build(writes.log_eta, writes.log_keep)
-    y = _retrieve(q, slice(n - q.shape[-2], n), weights, momentum, grads, step, co, spec)
+    rows = slice(n - q.shape[-2], n)
+    last = (co.c[..., -1, :], co.momentum[..., -1, :], co.A[..., -1], co.b[..., -1],
+            co.E[..., -1]) if advance else ()
+    x = ChunkInputs(weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q,
+                    co.A[..., rows], co.b[..., rows], co.c[..., rows, :], last)
+    flat = x.flatten()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+        outs = _MemoryChunk.apply(spec, grad_clip, depth, *flat)  # type: ignore[no-untyped-call]
+    else:
+        outs = _chunk_forward(x, spec, grad_clip)[0]
+    y, sq, *state = outs
     if not advance:
         return ChunkResult(y, None, None, sq)
-
-    def last(x: Tensor) -> Tensor:  # the chunk's last token, broadcast over (out, in)
-        return x[..., -1, None, None]
-
-    a_n, b_n, e_n = last(co.A), last(co.b), last(co.E)
-    m_update = _weighted_outer(grads, co.c[..., -1, :] * step)
-    s_update = _weighted_outer(grads, co.momentum[..., -1, :] * step)
-    new_m = MemoryWeights(tuple(a_n * w + b_n * s - u for w, s, u in zip(
-        weights.layers, momentum.layers, m_update.layers, strict=True)))
-    new_s = momentum.zip_map(s_update, lambda s, u: e_n * s - u)
-    return ChunkResult(y, new_m, new_s, sq)
+    return ChunkResult(y, MemoryWeights(tuple(state[:depth])), MemoryWeights(tuple(state[depth:])), sq)
 
 
 @dataclass(frozen=True)
