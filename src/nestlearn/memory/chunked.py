@@ -40,7 +40,6 @@ from nestlearn.memory.mlp import (
     activation_derivative,
     activation_second_derivative,
     l2_loss_grads_trace,
-    linear,
 )
 from nestlearn.memory.state import MemoryWeights, Writes
 
@@ -127,8 +126,9 @@ class ChunkInputs(NamedTuple):
 @dataclass(frozen=True)
 class _ChunkTrace:
     """Intermediates of ``_chunk_forward`` that ``_chunk_backward`` reuses: the gradient pass,
-    ||g_t||², the clip factors, step_i = θ_i clip_i, mix_{t,i} = c_{t,i} step_i, and per layer
-    of the retrieval its input a^(l) (a^(0) = q), hidden pre-activation and Gram a^(l) z^(l)ᵀ."""
+    ||g_t||², the clip factors, step_i = θ_i clip_i, mix_{t,i} = c_{t,i} step_i; per retrieval
+    layer its input a^(l) (a^(0) = q), hidden pre-activation, Gram a^(l) z^(l)ᵀ and the two
+    factors of its one matmul; per layer the weighted δ^(l) of the state update."""
 
     loss: LossGradsTrace
     sq: Tensor
@@ -138,11 +138,19 @@ class _ChunkTrace:
     acts: tuple[Tensor, ...]
     pre: tuple[Tensor, ...]
     gram: tuple[Tensor, ...]
+    lhs: tuple[Tensor, ...]
+    rhs: tuple[Tensor, ...]
+    scaled: tuple[Tensor, ...]
 
 
 def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
                    ) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
-    """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``)."""
+    """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``).
+
+    Each retrieval layer is one matmul, u = [A_t a | b_t a | -(mix ⊙ a zᵀ)] [W | S | δᵀ]ᵀ, and
+    the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z: few large matmuls run far faster on
+    CPU than many small ones, and their backward is again two matmuls each.
+    """
     loss = l2_loss_grads_trace(x.weights, x.k, x.v, spec)
     deltas, inputs = loss.grads.deltas, loss.grads.inputs
     sq = loss.grads.sq_norm()
@@ -150,25 +158,33 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     step = x.theta * clip
     mix = x.c_rows * step.unsqueeze(-2)
     a_t, b_t = x.a_rows.unsqueeze(-1), x.b_rows.unsqueeze(-1)
-    acts, pre, gram = [x.q], [], []
+    acts, pre, gram, lhs, rhs = [x.q], [], [], [], []
     depth = len(x.weights)
     for layer, (w, s, d, z) in enumerate(zip(x.weights, x.momentum, deltas, inputs, strict=True)):
-        gram.append(acts[-1] @ z.mT)
-        u = a_t * linear(w, acts[-1]) + b_t * linear(s, acts[-1]) - (mix * gram[-1]) @ d
+        a = acts[-1]
+        gram.append(a @ z.mT)
+        lhs.append(torch.cat([a_t * a, b_t * a, -(mix * gram[-1])], -1))
+        rhs.append(torch.cat([w, s, d.mT], -1))
+        u = lhs[-1] @ rhs[-1].mT
         if layer < depth - 1:
             pre.append(u)
             acts.append(activate(u, spec.activation))
     y = u + x.q if spec.residual else u
-    trace = _ChunkTrace(loss, sq, clip, step, mix, tuple(acts), tuple(pre), tuple(gram))
-    if not x.last:
-        return (y, sq), trace
-    c_n, p_n, a_n, b_n, e_n = (t.unsqueeze(-1) for t in x.last)
-    wm, ws = c_n * step.unsqueeze(-1), p_n * step.unsqueeze(-1)
-    a_n, b_n, e_n = a_n.unsqueeze(-1), b_n.unsqueeze(-1), e_n.unsqueeze(-1)
-    new_m = tuple(a_n * w + b_n * s - (d * wm).mT @ z
-                  for w, s, d, z in zip(x.weights, x.momentum, deltas, inputs, strict=True))
-    new_s = tuple(e_n * s - (d * ws).mT @ z for s, d, z in zip(x.momentum, deltas, inputs, strict=True))
-    return (y, sq, *new_m, *new_s), trace
+    scaled: tuple[Tensor, ...] = ()
+    outs: tuple[Tensor, ...] = (y, sq)
+    if x.last:
+        c_n, p_n, a_n, b_n, e_n = x.last
+        wm, ws = (c_n * step).unsqueeze(-1), (p_n * step).unsqueeze(-1)
+        a_n, b_n, e_n = a_n[..., None, None], b_n[..., None, None], e_n[..., None, None]
+        scaled = tuple(torch.cat([d * wm, d * ws], -1) for d in deltas)
+        new_m, new_s = [], []
+        for w, s, dd, z in zip(x.weights, x.momentum, scaled, inputs, strict=True):
+            update = dd.mT @ z
+            new_m.append(a_n * w + b_n * s - update[..., :w.shape[-2], :])
+            new_s.append(e_n * s - update[..., w.shape[-2]:, :])
+        outs = (*outs, *new_m, *new_s)
+    return outs, _ChunkTrace(loss, sq, clip, step, mix, tuple(acts), tuple(pre), tuple(gram),
+                             tuple(lhs), tuple(rhs), scaled)
 
 
 def _add(acc: Tensor | None, x: Tensor) -> Tensor:
@@ -176,15 +192,16 @@ def _add(acc: Tensor | None, x: Tensor) -> Tensor:
 
 
 def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_clip: float | None,
-                    gy: Tensor, g_sq: Tensor, g_state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                    gy: Tensor, g_sq: Tensor | None, g_state: tuple[Tensor | None, ...],
+                    ) -> tuple[Tensor | None, ...]:
     """Vector-Jacobian product of ``_chunk_forward``: the gradients of ``x.flatten()``.
 
     Retrieval and state update first (they give the gradients wrt the rank-one factors δ^(l),
     z^(l), the step and the coefficients), then ||g||² and the clip, then back through the
-    gradient pass (δ chain, which needs act'', then the MLP's forward chain).
+    gradient pass (δ chain, which needs act'', then the MLP's forward chain). ``None``: an
+    output that received no gradient.
     """
     depth = len(x.weights)
-    ws_, ss_ = x.weights, x.momentum
     deltas, inputs = tr.loss.grads.deltas, tr.loss.grads.inputs
     gw: list[Tensor | None] = [None] * depth
     gs: list[Tensor | None] = [None] * depth
@@ -196,26 +213,26 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
     g_mix: Tensor | None = None
     gq: Tensor | None = gy if spec.residual else None
     gu = gy
-    for layer in reversed(range(depth)):  # retrieval: u = A W a + b S a - (mix ⊙ a zᵀ) δ
-        a, gram, d, z = tr.acts[layer], tr.gram[layer], deltas[layer], inputs[layer]
-        hw, hs = gu @ ws_[layer], gu @ ss_[layer]
-        g_a_rows = _add(g_a_rows, (hw * a).sum(-1))
-        g_b_rows = _add(g_b_rows, (hs * a).sum(-1))
-        gw[layer] = (a_t * gu).mT @ a
-        gs[layer] = (b_t * gu).mT @ a
-        gp = gu @ d.mT  # minus the gradient wrt mix ⊙ gram
-        g_mix = _add(g_mix, -gp * gram)
+    for layer in reversed(range(depth)):  # retrieval: u = lhs rhsᵀ
+        a, gram, z = tr.acts[layer], tr.gram[layer], inputs[layer]
+        n_in = a.shape[-1]
+        g_lhs, g_rhs = gu @ tr.rhs[layer], gu.mT @ tr.lhs[layer]
+        g_a, g_b, gp = g_lhs[..., :n_in], g_lhs[..., n_in:2 * n_in], g_lhs[..., 2 * n_in:]
+        g_a_rows = _add(g_a_rows, (g_a * a).sum(-1))
+        g_b_rows = _add(g_b_rows, (g_b * a).sum(-1))
+        gw[layer], gs[layer] = g_rhs[..., :n_in], g_rhs[..., n_in:2 * n_in]
+        gd[layer] = g_rhs[..., 2 * n_in:].mT
+        g_mix = _add(g_mix, -gp * gram)  # gp: minus the gradient wrt mix ⊙ gram
         gg = gp * tr.mix  # minus the gradient wrt gram
-        gd[layer] = -(tr.mix * gram).mT @ gu
         gz[layer] = -gg.mT @ a
-        ga = a_t * hw + b_t * hs - gg @ z
+        ga = a_t * g_a + b_t * g_b - gg @ z
         if layer:
             gu = ga * activation_derivative(tr.pre[layer - 1], spec.activation)
         else:
             gq = _add(gq, ga)
     assert g_mix is not None and g_a_rows is not None and g_b_rows is not None and gq is not None
     g_step = (g_mix * x.c_rows).sum(-2)
-    g_last: tuple[Tensor, ...] = ()
+    g_last: tuple[Tensor | None, ...] = ()
     if x.last:  # M_n = A_n M_0 + b_n S_0 - Σ_i wm_i δ_i ⊗ z_i, S_n = E_n S_0 - Σ_i ws_i δ_i ⊗ z_i
         c_n, p_n, a_n, b_n, e_n = x.last
         wm, ws = (c_n * tr.step).unsqueeze(-1), (p_n * tr.step).unsqueeze(-1)
@@ -226,29 +243,37 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         g_e_n: Tensor | None = None
         for layer in range(depth):
             gm, gsl = g_state[layer], g_state[depth + layer]
-            w, s, d, z = ws_[layer], ss_[layer], deltas[layer], inputs[layer]
+            if gm is None and gsl is None:
+                continue
+            w, s, d, z = x.weights[layer], x.momentum[layer], deltas[layer], inputs[layer]
+            gm = torch.zeros_like(w) if gm is None else gm
+            gsl = torch.zeros_like(s) if gsl is None else gsl
             gw[layer] = _add(gw[layer], a_n[..., None, None] * gm)
             gs[layer] = _add(gs[layer], b_n[..., None, None] * gm + e_n[..., None, None] * gsl)
             g_a_n = _add(g_a_n, (gm * w).sum((-2, -1)))
             g_b_n = _add(g_b_n, (gm * s).sum((-2, -1)))
             g_e_n = _add(g_e_n, (gsl * s).sum((-2, -1)))
-            hm, hs = z @ gm.mT, z @ gsl.mT
+            g_new = torch.cat([gm, gsl], -2)
+            h = z @ g_new.mT  # minus the gradient wrt scaled
+            hm, hs = h[..., :w.shape[-2]], h[..., w.shape[-2]:]
             gd[layer] = _add(gd[layer], -(hm * wm + hs * ws))
             g_wm = _add(g_wm, -(hm * d).sum(-1))
             g_ws = _add(g_ws, -(hs * d).sum(-1))
-            gz[layer] = _add(gz[layer], -((d * wm) @ gm + (d * ws) @ gsl))
-        assert g_wm is not None and g_ws is not None
-        assert g_a_n is not None and g_b_n is not None and g_e_n is not None
-        g_step = g_step + g_wm * c_n + g_ws * p_n
-        g_last = (g_wm * tr.step, g_ws * tr.step, g_a_n, g_b_n, g_e_n)
+            gz[layer] = _add(gz[layer], -(tr.scaled[layer] @ g_new))
+        if g_wm is not None and g_ws is not None:
+            g_step = g_step + g_wm * c_n + g_ws * p_n
+            g_last = (g_wm * tr.step, g_ws * tr.step, g_a_n, g_b_n, g_e_n)
+        else:
+            g_last = (None,) * 5
     if grad_clip is not None:  # clip = grad_clip / sqrt(max(sq, grad_clip²))
         bound = grad_clip**2
         g_clip = g_step * x.theta * tr.clip / tr.sq.clamp_min(bound)
-        g_sq = g_sq - 0.5 * g_clip.masked_fill(tr.sq < bound, 0.0)
-    for layer in range(depth):  # sq = Σ_l ||δ^(l)||² ||z^(l)||²
-        d, z = deltas[layer], inputs[layer]
-        gd[layer] = _add(gd[layer], 2 * (g_sq * z.square().sum(-1)).unsqueeze(-1) * d)
-        gz[layer] = _add(gz[layer], 2 * (g_sq * d.square().sum(-1)).unsqueeze(-1) * z)
+        g_sq = _add(g_sq, -0.5 * g_clip.masked_fill(tr.sq < bound, 0.0))
+    if g_sq is not None:
+        for layer in range(depth):  # sq = Σ_l ||δ^(l)||² ||z^(l)||²
+            d, z = deltas[layer], inputs[layer]
+            gd[layer] = _add(gd[layer], 2 * (g_sq * z.square().sum(-1)).unsqueeze(-1) * d)
+            gz[layer] = _add(gz[layer], 2 * (g_sq * d.square().sum(-1)).unsqueeze(-1) * z)
     g_pre: list[Tensor] = []
     for layer in range(depth - 1):  # δ^(l) = (δ^(l+1) W^(l+1)) ⊙ act'(u^(l))
         g = gd[layer]
@@ -256,7 +281,7 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         g_back = g * tr.loss.slopes[layer]
         g_pre.append(g * tr.loss.back[layer]
                      * activation_second_derivative(tr.loss.pre[layer], spec.activation))
-        gd[layer + 1] = _add(gd[layer + 1], g_back @ ws_[layer + 1].mT)
+        gd[layer + 1] = _add(gd[layer + 1], g_back @ x.weights[layer + 1].mT)
         gw[layer + 1] = _add(gw[layer + 1], deltas[layer + 1].mT @ g_back)
     g_out = gd[-1]
     assert g_out is not None
@@ -267,7 +292,7 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         g = gz[layer]
         assert g is not None
         gw[layer] = _add(gw[layer], gu.mT @ inputs[layer])
-        g = g + gu @ ws_[layer]
+        g = g + gu @ x.weights[layer]
         if layer:
             gu = g * tr.loss.slopes[layer - 1] + g_pre[layer - 1]
         else:
@@ -290,13 +315,16 @@ class _MemoryChunk(torch.autograd.Function):
         outs, trace = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip)
         ctx.save_for_backward(*flat)
         ctx.trace, ctx.spec, ctx.grad_clip, ctx.depth = trace, spec, grad_clip, depth
+        ctx.set_materialize_grads(False)  # skip the work for outputs nobody differentiates
         y, sq, *state = outs
         return (y, sq.clone(), *state)  # the trace keeps sq: no output may live on ctx
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor, g_sq: Tensor, *g_state: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, gy: Tensor | None, g_sq: Tensor | None,
+                 *g_state: Tensor | None) -> tuple[Tensor | None, ...]:
         x = ChunkInputs.unflatten(ctx.saved_tensors, ctx.depth)
         trace = _chunk_forward(x, ctx.spec, ctx.grad_clip)[1] if torch.is_grad_enabled() else ctx.trace
+        gy = torch.zeros_like(x.q) if gy is None else gy
         return (None, None, None, *_chunk_backward(x, trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state))
 
 
