@@ -178,3 +178,11 @@ def test_causal_depthwise_conv_equals_conv1d() -> None:
     weight = torch.randn(6, 1, 4, generator=gen, dtype=torch.float64)
     expected = F.conv1d(padded.transpose(1, 2), weight, groups=6).transpose(1, 2)
     torch.testing.assert_close(causal_depthwise_conv(padded, weight), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_depthwise_conv_gradients() -> None:
+    gen = torch.Generator().manual_seed(4)
+    padded = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, weight))
+    assert torch.autograd.gradgradcheck(causal_depthwise_conv, (padded, weight))
