@@ -37,8 +37,8 @@ from nestlearn.memory.mlp import (
     LossGradsTrace,
     MemoryMLPSpec,
     activate,
-    activation_derivative,
     activation_second_derivative,
+    activation_vjp,
     l2_loss_grads_trace,
 )
 from nestlearn.memory.state import MemoryWeights, Writes
@@ -128,7 +128,8 @@ class _ChunkTrace:
     """Intermediates of ``_chunk_forward`` that ``_chunk_backward`` reuses: the gradient pass,
     ||g_t||², the clip factors, step_i = θ_i clip_i, mix_{t,i} = c_{t,i} step_i; per retrieval
     layer its input a^(l) (a^(0) = q), hidden pre-activation, Gram a^(l) z^(l)ᵀ and the two
-    factors of its one matmul; per layer the weighted δ^(l) of the state update."""
+    operands ``left``, ``right`` of its matmul (``_scales_input``); per layer the weighted
+    δ^(l) of the state update, [-wm ⊙ δ | -ws ⊙ δ]."""
 
     loss: LossGradsTrace
     sq: Tensor
@@ -138,18 +139,41 @@ class _ChunkTrace:
     acts: tuple[Tensor, ...]
     pre: tuple[Tensor, ...]
     gram: tuple[Tensor, ...]
-    lhs: tuple[Tensor, ...]
-    rhs: tuple[Tensor, ...]
+    left: tuple[Tensor, ...]
+    right: tuple[Tensor, ...]
     scaled: tuple[Tensor, ...]
+
+
+def _scales_input(w: Tensor) -> bool:
+    """Whether a retrieval layer applies A_t, b_t to its (narrower) input rather than output.
+
+    Input side: u = [A_t a | b_t a | -(mix ⊙ a zᵀ)] [W | S | δᵀ]ᵀ, one matmul. Output side:
+    [r | s] = a [W; S]ᵀ, u = A_t r + b_t s - (mix ⊙ a zᵀ) δ. Either way the per-token scaling
+    and its backward touch the smaller of (m, in) and (m, out).
+    """
+    return w.shape[-1] <= w.shape[-2]
+
+
+def _mm_add(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """``acc + a @ b`` as one ``baddbmm`` over the flattened batch dims (no separate add)."""
+    if acc is None:
+        return a @ b
+    batch = acc.shape[:-2].numel()
+    out = torch.baddbmm(acc.reshape(batch, *acc.shape[-2:]), a.reshape(batch, *a.shape[-2:]),
+                        b.reshape(batch, *b.shape[-2:]))
+    return out.view(acc.shape)
+
+
+def _add(acc: Tensor | None, x: Tensor) -> Tensor:
+    return x if acc is None else acc + x
 
 
 def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
                    ) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
     """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``).
 
-    Each retrieval layer is one matmul, u = [A_t a | b_t a | -(mix ⊙ a zᵀ)] [W | S | δᵀ]ᵀ, and
-    the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z: few large matmuls run far faster on
-    CPU than many small ones, and their backward is again two matmuls each.
+    Few large matmuls run far faster on CPU than many small ones: each retrieval layer is one
+    or two (``_scales_input``), the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z.
     """
     loss = l2_loss_grads_trace(x.weights, x.k, x.v, spec)
     deltas, inputs = loss.grads.deltas, loss.grads.inputs
@@ -158,14 +182,20 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     step = x.theta * clip
     mix = x.c_rows * step.unsqueeze(-2)
     a_t, b_t = x.a_rows.unsqueeze(-1), x.b_rows.unsqueeze(-1)
-    acts, pre, gram, lhs, rhs = [x.q], [], [], [], []
+    acts, pre, gram, left, right = [x.q], [], [], [], []
     depth = len(x.weights)
     for layer, (w, s, d, z) in enumerate(zip(x.weights, x.momentum, deltas, inputs, strict=True)):
         a = acts[-1]
         gram.append(a @ z.mT)
-        lhs.append(torch.cat([a_t * a, b_t * a, -(mix * gram[-1])], -1))
-        rhs.append(torch.cat([w, s, d.mT], -1))
-        u = lhs[-1] @ rhs[-1].mT
+        if _scales_input(w):
+            left.append(torch.cat([a_t * a, b_t * a, -(mix * gram[-1])], -1))
+            right.append(torch.cat([w, s, d.mT], -1))
+            u = left[-1] @ right[-1].mT
+        else:
+            right.append(torch.cat([w, s], -2))
+            left.append(a @ right[-1].mT)
+            r, s_a = left[-1][..., :w.shape[-2]], left[-1][..., w.shape[-2]:]
+            u = _mm_add(torch.addcmul(a_t * r, b_t, s_a), -(mix * gram[-1]), d)
         if layer < depth - 1:
             pre.append(u)
             acts.append(activate(u, spec.activation))
@@ -174,21 +204,17 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     outs: tuple[Tensor, ...] = (y, sq)
     if x.last:
         c_n, p_n, a_n, b_n, e_n = x.last
-        wm, ws = (c_n * step).unsqueeze(-1), (p_n * step).unsqueeze(-1)
+        nwm, nws = (-c_n * step).unsqueeze(-1), (-p_n * step).unsqueeze(-1)
         a_n, b_n, e_n = a_n[..., None, None], b_n[..., None, None], e_n[..., None, None]
-        scaled = tuple(torch.cat([d * wm, d * ws], -1) for d in deltas)
+        scaled = tuple(torch.cat([d * nwm, d * nws], -1) for d in deltas)
         new_m, new_s = [], []
         for w, s, dd, z in zip(x.weights, x.momentum, scaled, inputs, strict=True):
             update = dd.mT @ z
-            new_m.append(a_n * w + b_n * s - update[..., :w.shape[-2], :])
-            new_s.append(e_n * s - update[..., w.shape[-2]:, :])
+            new_m.append(torch.addcmul(torch.addcmul(update[..., :w.shape[-2], :], a_n, w), b_n, s))
+            new_s.append(torch.addcmul(update[..., w.shape[-2]:, :], e_n, s))
         outs = (*outs, *new_m, *new_s)
     return outs, _ChunkTrace(loss, sq, clip, step, mix, tuple(acts), tuple(pre), tuple(gram),
-                             tuple(lhs), tuple(rhs), scaled)
-
-
-def _add(acc: Tensor | None, x: Tensor) -> Tensor:
-    return x if acc is None else acc + x
+                             tuple(left), tuple(right), scaled)
 
 
 def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_clip: float | None,
@@ -213,21 +239,32 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
     g_mix: Tensor | None = None
     gq: Tensor | None = gy if spec.residual else None
     gu = gy
-    for layer in reversed(range(depth)):  # retrieval: u = lhs rhsᵀ
-        a, gram, z = tr.acts[layer], tr.gram[layer], inputs[layer]
-        n_in = a.shape[-1]
-        g_lhs, g_rhs = gu @ tr.rhs[layer], gu.mT @ tr.lhs[layer]
-        g_a, g_b, gp = g_lhs[..., :n_in], g_lhs[..., n_in:2 * n_in], g_lhs[..., 2 * n_in:]
-        g_a_rows = _add(g_a_rows, (g_a * a).sum(-1))
-        g_b_rows = _add(g_b_rows, (g_b * a).sum(-1))
-        gw[layer], gs[layer] = g_rhs[..., :n_in], g_rhs[..., n_in:2 * n_in]
-        gd[layer] = g_rhs[..., 2 * n_in:].mT
+    for layer in reversed(range(depth)):  # retrieval
+        w, a, gram, d, z = x.weights[layer], tr.acts[layer], tr.gram[layer], deltas[layer], inputs[layer]
+        n_in, n_out = w.shape[-1], w.shape[-2]
+        if _scales_input(w):  # u = left rightᵀ
+            g_left, g_right = gu @ tr.right[layer], gu.mT @ tr.left[layer]
+            g_a, g_b, gp = g_left[..., :n_in], g_left[..., n_in:2 * n_in], g_left[..., 2 * n_in:]
+            g_a_rows = _add(g_a_rows, torch.linalg.vecdot(g_a, a))
+            g_b_rows = _add(g_b_rows, torch.linalg.vecdot(g_b, a))
+            gw[layer], gs[layer] = g_right[..., :n_in], g_right[..., n_in:2 * n_in]
+            gd[layer] = g_right[..., 2 * n_in:].mT
+            ga = torch.addcmul(a_t * g_a, b_t, g_b)
+        else:  # u = A_t r + b_t s - (mix ⊙ gram) δ, [r | s] = left, [W; S] = right
+            g_rs = torch.cat([a_t * gu, b_t * gu], -1)
+            g_a_rows = _add(g_a_rows, torch.linalg.vecdot(gu, tr.left[layer][..., :n_out]))
+            g_b_rows = _add(g_b_rows, torch.linalg.vecdot(gu, tr.left[layer][..., n_out:]))
+            g_ws = g_rs.mT @ a
+            gw[layer], gs[layer] = g_ws[..., :n_out, :], g_ws[..., n_out:, :]
+            gp = gu @ d.mT
+            gd[layer] = (-(tr.mix * gram)).mT @ gu
+            ga = g_rs @ tr.right[layer]
         g_mix = _add(g_mix, -gp * gram)  # gp: minus the gradient wrt mix ⊙ gram
         gg = gp * tr.mix  # minus the gradient wrt gram
-        gz[layer] = -gg.mT @ a
-        ga = a_t * g_a + b_t * g_b - gg @ z
+        gz[layer] = (-gg).mT @ a
+        ga = _mm_add(ga, -gg, z)
         if layer:
-            gu = ga * activation_derivative(tr.pre[layer - 1], spec.activation)
+            gu = activation_vjp(ga, tr.pre[layer - 1], spec.activation)
         else:
             gq = _add(gq, ga)
     assert g_mix is not None and g_a_rows is not None and g_b_rows is not None and gq is not None
@@ -235,9 +272,9 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
     g_last: tuple[Tensor | None, ...] = ()
     if x.last:  # M_n = A_n M_0 + b_n S_0 - Σ_i wm_i δ_i ⊗ z_i, S_n = E_n S_0 - Σ_i ws_i δ_i ⊗ z_i
         c_n, p_n, a_n, b_n, e_n = x.last
-        wm, ws = (c_n * tr.step).unsqueeze(-1), (p_n * tr.step).unsqueeze(-1)
+        nwm, nws = (-c_n * tr.step).unsqueeze(-1), (-p_n * tr.step).unsqueeze(-1)
         g_wm: Tensor | None = None
-        g_ws: Tensor | None = None
+        g_ws_: Tensor | None = None
         g_a_n: Tensor | None = None
         g_b_n: Tensor | None = None
         g_e_n: Tensor | None = None
@@ -249,20 +286,21 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
             gm = torch.zeros_like(w) if gm is None else gm
             gsl = torch.zeros_like(s) if gsl is None else gsl
             gw[layer] = _add(gw[layer], a_n[..., None, None] * gm)
-            gs[layer] = _add(gs[layer], b_n[..., None, None] * gm + e_n[..., None, None] * gsl)
-            g_a_n = _add(g_a_n, (gm * w).sum((-2, -1)))
-            g_b_n = _add(g_b_n, (gm * s).sum((-2, -1)))
-            g_e_n = _add(g_e_n, (gsl * s).sum((-2, -1)))
+            gs[layer] = torch.addcmul(_add(gs[layer], b_n[..., None, None] * gm), e_n[..., None, None], gsl)
+            g_a_n = _add(g_a_n, torch.linalg.vecdot(gm.flatten(-2), w.flatten(-2)))
+            g_b_n = _add(g_b_n, torch.linalg.vecdot(gm.flatten(-2), s.flatten(-2)))
+            g_e_n = _add(g_e_n, torch.linalg.vecdot(gsl.flatten(-2), s.flatten(-2)))
             g_new = torch.cat([gm, gsl], -2)
-            h = z @ g_new.mT  # minus the gradient wrt scaled
+            h = z @ g_new.mT  # the gradient wrt scaled
             hm, hs = h[..., :w.shape[-2]], h[..., w.shape[-2]:]
-            gd[layer] = _add(gd[layer], -(hm * wm + hs * ws))
-            g_wm = _add(g_wm, -(hm * d).sum(-1))
-            g_ws = _add(g_ws, -(hs * d).sum(-1))
-            gz[layer] = _add(gz[layer], -(tr.scaled[layer] @ g_new))
-        if g_wm is not None and g_ws is not None:
-            g_step = g_step + g_wm * c_n + g_ws * p_n
-            g_last = (g_wm * tr.step, g_ws * tr.step, g_a_n, g_b_n, g_e_n)
+            g = gd[layer]
+            gd[layer] = torch.addcmul(hm * nwm if g is None else torch.addcmul(g, hm, nwm), hs, nws)
+            g_wm = _add(g_wm, -torch.linalg.vecdot(hm, d))
+            g_ws_ = _add(g_ws_, -torch.linalg.vecdot(hs, d))
+            gz[layer] = _mm_add(gz[layer], tr.scaled[layer], g_new)
+        if g_wm is not None and g_ws_ is not None:
+            g_step = g_step + g_wm * c_n + g_ws_ * p_n
+            g_last = (g_wm * tr.step, g_ws_ * tr.step, g_a_n, g_b_n, g_e_n)
         else:
             g_last = (None,) * 5
     if grad_clip is not None:  # clip = grad_clip / sqrt(max(sq, grad_clip²))
@@ -272,7 +310,9 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
     if g_sq is not None:
         for layer in range(depth):  # sq = Σ_l ||δ^(l)||² ||z^(l)||²
             d, z = deltas[layer], inputs[layer]
-            gd[layer] = _add(gd[layer], 2 * (g_sq * z.square().sum(-1)).unsqueeze(-1) * d)
+            g = gd[layer]
+            assert g is not None
+            gd[layer] = torch.addcmul(g, 2 * (g_sq * z.square().sum(-1)).unsqueeze(-1), d)
             gz[layer] = _add(gz[layer], 2 * (g_sq * d.square().sum(-1)).unsqueeze(-1) * z)
     g_pre: list[Tensor] = []
     for layer in range(depth - 1):  # δ^(l) = (δ^(l+1) W^(l+1)) ⊙ act'(u^(l))
@@ -281,20 +321,18 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         g_back = g * tr.loss.slopes[layer]
         g_pre.append(g * tr.loss.back[layer]
                      * activation_second_derivative(tr.loss.pre[layer], spec.activation))
-        gd[layer + 1] = _add(gd[layer + 1], g_back @ x.weights[layer + 1].mT)
-        gw[layer + 1] = _add(gw[layer + 1], deltas[layer + 1].mT @ g_back)
+        gd[layer + 1] = _mm_add(gd[layer + 1], g_back, x.weights[layer + 1].mT)
+        gw[layer + 1] = _mm_add(gw[layer + 1], deltas[layer + 1].mT, g_back)
     g_out = gd[-1]
     assert g_out is not None
     g_out = 2 * g_out  # δ^(L) = 2 (M(k) - v)
     gk: Tensor | None = g_out if spec.residual else None
     gu = g_out
     for layer in reversed(range(depth)):  # the MLP on k
-        g = gz[layer]
-        assert g is not None
-        gw[layer] = _add(gw[layer], gu.mT @ inputs[layer])
-        g = g + gu @ x.weights[layer]
+        gw[layer] = _mm_add(gw[layer], gu.mT, inputs[layer])
+        g = _mm_add(gz[layer], gu, x.weights[layer])
         if layer:
-            gu = g * tr.loss.slopes[layer - 1] + g_pre[layer - 1]
+            gu = torch.addcmul(g_pre[layer - 1], g, tr.loss.slopes[layer - 1])
         else:
             gk = _add(gk, g)
     assert gk is not None

@@ -72,6 +72,16 @@ def activation_derivative(u: Tensor, activation: Activation) -> Tensor:
     return cdf + u * pdf
 
 
+def activation_vjp(grad: Tensor, u: Tensor, activation: Activation) -> Tensor:
+    """grad ⊙ act'(u): one fused kernel (the backward of ``activate``), or, when autograd
+    records (the kernels have no derivative of their own), ``activation_derivative``."""
+    if torch.is_grad_enabled():
+        return grad * activation_derivative(u, activation)
+    out: Tensor = (torch.ops.aten.silu_backward(grad, u) if activation == "silu"
+                   else torch.ops.aten.gelu_backward(grad, u))
+    return out
+
+
 def activation_second_derivative(u: Tensor, activation: Activation) -> Tensor:
     """d² act / du², for the hand-written backward of the closed-form gradients (``chunked``)."""
     if activation == "silu":
