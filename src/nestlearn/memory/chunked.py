@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nestlearn.memory.mlp import (
@@ -60,6 +61,34 @@ def segment_sums(x: Tensor) -> Tensor:
     return sums.masked_fill(~torch.tril(ones), float("-inf"))
 
 
+class _SegmentProducts(torch.autograd.Function):
+    """x ``(..., n)`` -> (exp of ``segment_sums(x)[..., 1:, 1:]``, of ``[..., 1:, 0]``) with a
+    hand-written backward: four passes over the n×n products instead of autograd's dozen
+    (masked fills, cumsum flips, zero-filled slices). Plain differentiable ops throughout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[-1]
+        ones = torch.ones(n, n, dtype=torch.bool, device=x.device)
+        rows = x.unsqueeze(-1).expand(*x.shape, n)  # rows[j, i] = x_j
+        sums = rows.masked_fill(~torch.tril(ones, diagonal=-1), 0.0).cumsum(dim=-2)
+        inner = sums.masked_fill(~torch.tril(ones), float("-inf")).exp()
+        first = x.cumsum(-1).exp()
+        ctx.save_for_backward(inner, first)
+        return inner, first
+
+    @staticmethod
+    def backward(ctx: Any, g_inner: Tensor, g_first: Tensor) -> Tensor:
+        inner, first = ctx.saved_tensors
+        n = inner.shape[-1]
+        # d inner[s, i] / d x_k = inner[s, i] for i < k <= s: sum over that rectangle per k.
+        below = torch.tril(torch.ones(n, n, dtype=torch.bool, device=inner.device), diagonal=-1)
+        rect = (g_inner * inner).cumsum(-1).masked_fill(~below, 0.0).sum(-2)
+        tail = (g_first * first).flip(-1).cumsum(-1).flip(-1)  # d first[s] / d x_k = first[s], k <= s
+        grad: Tensor = F.pad(rect[..., :-1], (1, 0)) + tail
+        return grad
+
+
 def clip_factors(sq_norm: Tensor, max_norm: float | None) -> Tensor:
     """min(1, max_norm / ||g_t||) per token (1 when clipping is off); no NaN at ||g_t|| = 0."""
     if max_norm is None:
@@ -80,12 +109,10 @@ class ChunkCoefficients:
 
     @staticmethod
     def build(log_eta: Tensor, log_keep: Tensor) -> ChunkCoefficients:
-        seg_e = segment_sums(log_eta).exp()
-        seg_a = segment_sums(log_keep).exp()
-        p_a, p_e = seg_a[..., 1:, 1:], seg_e[..., 1:, 1:]
-        e = seg_e[..., 1:, 0]
-        return ChunkCoefficients(A=seg_a[..., 1:, 0], E=e, b=(p_a @ e.unsqueeze(-1)).squeeze(-1),
-                                 c=p_a @ p_e, momentum=p_e)
+        p_e, e = _SegmentProducts.apply(log_eta)  # type: ignore[no-untyped-call]
+        p_a, a = _SegmentProducts.apply(log_keep)  # type: ignore[no-untyped-call]
+        return ChunkCoefficients(A=a, E=e, b=(p_a @ e.unsqueeze(-1)).squeeze(-1), c=p_a @ p_e,
+                                 momentum=p_e)
 
     def unbind(self) -> list[ChunkCoefficients]:
         """One ``ChunkCoefficients`` per chunk of coefficients built for a batch of chunks
