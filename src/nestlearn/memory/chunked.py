@@ -270,12 +270,13 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         w, a, gram, d, z = x.weights[layer], tr.acts[layer], tr.gram[layer], deltas[layer], inputs[layer]
         n_in, n_out = w.shape[-1], w.shape[-2]
         if _scales_input(w):  # u = left rightᵀ
-            g_left, g_right = gu @ tr.right[layer], gu.mT @ tr.left[layer]
+            g_left = gu @ tr.right[layer]
             g_a, g_b, gp = g_left[..., :n_in], g_left[..., n_in:2 * n_in], g_left[..., 2 * n_in:]
             g_a_rows = _add(g_a_rows, torch.linalg.vecdot(g_a, a))
             g_b_rows = _add(g_b_rows, torch.linalg.vecdot(g_b, a))
-            gw[layer], gs[layer] = g_right[..., :n_in], g_right[..., n_in:2 * n_in]
-            gd[layer] = g_right[..., 2 * n_in:].mT
+            g_right = gu.mT @ tr.left[layer][..., :2 * n_in]
+            gw[layer], gs[layer] = g_right[..., :n_in], g_right[..., n_in:]
+            gd[layer] = tr.left[layer][..., 2 * n_in:].mT @ gu  # contiguous, unlike a slice of g_right
             ga = torch.addcmul(a_t * g_a, b_t, g_b)
         else:  # u = A_t r + b_t s - (mix ⊙ gram) δ, [r | s] = left, [W; S] = right
             g_rs = torch.cat([a_t * gu, b_t * gu], -1)
@@ -312,8 +313,11 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
             w, s, d, z = x.weights[layer], x.momentum[layer], deltas[layer], inputs[layer]
             gm = torch.zeros_like(w) if gm is None else gm
             gsl = torch.zeros_like(s) if gsl is None else gsl
-            gw[layer] = _add(gw[layer], a_n[..., None, None] * gm)
-            gs[layer] = torch.addcmul(_add(gs[layer], b_n[..., None, None] * gm), e_n[..., None, None], gsl)
+            gw_l, gs_l = gw[layer], gs[layer]  # set by the retrieval above
+            assert gw_l is not None and gs_l is not None
+            gw[layer] = torch.addcmul(gw_l, a_n[..., None, None], gm)
+            gs[layer] = torch.addcmul(torch.addcmul(gs_l, b_n[..., None, None], gm),
+                                      e_n[..., None, None], gsl)
             g_a_n = _add(g_a_n, torch.linalg.vecdot(gm.flatten(-2), w.flatten(-2)))
             g_b_n = _add(g_b_n, torch.linalg.vecdot(gm.flatten(-2), s.flatten(-2)))
             g_e_n = _add(g_e_n, torch.linalg.vecdot(gsl.flatten(-2), s.flatten(-2)))
