@@ -114,12 +114,14 @@ class ChunkCoefficients:
         return ChunkCoefficients(A=a, E=e, b=(p_a @ e.unsqueeze(-1)).squeeze(-1), c=p_a @ p_e,
                                  momentum=p_e)
 
-    def unbind(self) -> list[ChunkCoefficients]:
-        """One ``ChunkCoefficients`` per chunk of coefficients built for a batch of chunks
-        (the chunk axis right before the token axes)."""
-        fields = (self.A.unbind(-2), self.E.unbind(-2), self.b.unbind(-2), self.c.unbind(-3),
-                  self.momentum.unbind(-3))
-        return [ChunkCoefficients(*f) for f in zip(*fields, strict=True)]
+    def gate_inputs(self, rows: slice, advance: bool) -> tuple[Tensor, ...]:
+        """What a chunk reads of them (``ChunkInputs``): A_t, b_t, c_{t,i} of the queried
+        ``rows``, and with ``advance`` c_{n,i}, E_n / E_i, A_n, b_n, E_n of the last token."""
+        queried = (self.A[..., rows], self.b[..., rows], self.c[..., rows, :])
+        if not advance:
+            return queried
+        return (*queried, self.c[..., -1, :], self.momentum[..., -1, :], self.A[..., -1],
+                self.b[..., -1], self.E[..., -1])
 
 
 class ChunkInputs(NamedTuple):
@@ -409,26 +411,30 @@ class ChunkResult:
 
 
 def memory_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, q: Tensor,
-                 spec: MemoryMLPSpec, grad_clip: float | None, advance: bool,
-                 co: ChunkCoefficients | None = None) -> ChunkResult:
+                 spec: MemoryMLPSpec, grad_clip: float | None, advance: bool) -> ChunkResult:
     """One chunk from (M_0, S_0): ``writes`` are its n tokens so far; ``q`` the queries of its
-    last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n). ``co``: the chunk's
-    coefficients if already built (they depend on the gates only)."""
-    n, depth = writes.length, len(weights.layers)
-    if co is None:
-        co = ChunkCoefficients.build(writes.log_eta, writes.log_keep)
-    rows = slice(n - q.shape[-2], n)
-    last = (co.c[..., -1, :], co.momentum[..., -1, :], co.A[..., -1], co.b[..., -1],
-            co.E[..., -1]) if advance else ()
-    x = ChunkInputs(weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q,
-                    co.A[..., rows], co.b[..., rows], co.c[..., rows, :], last)
+    last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n)."""
+    n = writes.length
+    co = ChunkCoefficients.build(writes.log_eta, writes.log_keep)
+    return _run_chunk(weights, momentum, writes, q, co.gate_inputs(slice(n - q.shape[-2], n), advance),
+                      spec, grad_clip)
+
+
+def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, q: Tensor,
+               gates: tuple[Tensor, ...], spec: MemoryMLPSpec, grad_clip: float | None) -> ChunkResult:
+    """``memory_chunk`` given ``ChunkCoefficients.gate_inputs`` (advancing iff they include
+    the last token's)."""
+    depth = len(weights.layers)
+    a_rows, b_rows, c_rows, *last = gates
+    x = ChunkInputs(weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q, a_rows,
+                    b_rows, c_rows, tuple(last))
     flat = x.flatten()
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
         outs = _MemoryChunk.apply(spec, grad_clip, depth, *flat)  # type: ignore[no-untyped-call]
     else:
         outs = _chunk_forward(x, spec, grad_clip)[0]
     y, sq, *state = outs
-    if not advance:
+    if not x.last:
         return ChunkResult(y, None, None, sq)
     return ChunkResult(y, MemoryWeights(tuple(state[:depth])), MemoryWeights(tuple(state[depth:])), sq)
 
@@ -465,22 +471,33 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
     sizes = [chunk_size] * n_full + ([tail] if tail else [])
     starts = range(0, total, chunk_size)
     q_sizes = [size - max(0, p - start) for start, size in zip(starts, sizes, strict=True)]
-    # Split, not slice, per chunk: see ``Writes.split``. The gate coefficients of all complete
-    # chunks are built in one batched op before the loop (they do not depend on the memory).
+    # Split, not slice, per chunk: see ``Writes.split``. What the complete chunks read of the
+    # gate coefficients is built in batched ops before the loop (it does not depend on the
+    # memory) and unbound per chunk, so that its backward is one stack, not many zero-fills.
     pieces, queries = stream.split(sizes), torch.split(q, q_sizes, dim=-2)
-    coefficients = ChunkCoefficients.build(
-        *(t[..., :n_full * chunk_size].reshape(*t.shape[:-1], n_full, chunk_size)
-          for t in (stream.log_eta, stream.log_keep))).unbind() if n_full else []
+    gates: list[tuple[Tensor, ...]] = []
+    if n_full:
+        co = ChunkCoefficients.build(*(t[..., :n_full * chunk_size].reshape(*t.shape[:-1], n_full, chunk_size)
+                                       for t in (stream.log_eta, stream.log_keep)))
+        axis = stream.theta.dim() - 1  # the chunk axis, after the batch axes
+        gates = list(zip(*(t.unbind(axis) for t in co.gate_inputs(slice(None), True)), strict=True))
     ys: list[Tensor] = []
     sq: list[Tensor] = []
     for j, (piece, q_chunk) in enumerate(zip(pieces, queries, strict=True)):
-        complete = j < n_full
-        if not q_chunk.shape[-2] and not complete:
+        m = q_chunk.shape[-2]
+        if j < n_full:
+            chunk_gates = gates[j]
+            if m < chunk_size:  # the first chunk continues a buffer: only its new rows
+                a_rows, b_rows, c_rows, *last = chunk_gates
+                chunk_gates = (a_rows[..., -m:], b_rows[..., -m:], c_rows[..., -m:, :], *last)
+        elif m:
+            tail_co = ChunkCoefficients.build(piece.log_eta, piece.log_keep)
+            chunk_gates = tail_co.gate_inputs(slice(piece.length - m, piece.length), False)
+        else:
             break  # nothing new to read in an unfinished chunk
-        res = memory_chunk(weights, momentum, piece, q_chunk, spec, grad_clip, advance=complete,
-                           co=coefficients[j] if complete else None)
+        res = _run_chunk(weights, momentum, piece, q_chunk, chunk_gates, spec, grad_clip)
         ys.append(res.y)
-        sq.append(res.sq_norms[..., piece.length - q_chunk.shape[-2]:])
+        sq.append(res.sq_norms[..., piece.length - m:])
         if res.weights is not None and res.momentum is not None:
             weights, momentum = res.weights, res.momentum
     y = torch.cat(ys, dim=-2) if ys else q
