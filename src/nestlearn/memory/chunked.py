@@ -184,13 +184,8 @@ def _scales_input(w: Tensor) -> bool:
 
 
 def _mm_add(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """``acc + a @ b`` as one ``baddbmm`` over the flattened batch dims (no separate add)."""
-    if acc is None:
-        return a @ b
-    batch = acc.shape[:-2].numel()
-    out = torch.baddbmm(acc.reshape(batch, *acc.shape[-2:]), a.reshape(batch, *a.shape[-2:]),
-                        b.reshape(batch, *b.shape[-2:]))
-    return out.view(acc.shape)
+    """``acc + a @ b`` in one ``baddbmm`` (chunk tensors have one batch axis, ``_run_chunk``)."""
+    return a @ b if acc is None else torch.baddbmm(acc, a, b)
 
 
 def _add(acc: Tensor | None, x: Tensor) -> Tensor:
@@ -426,15 +421,17 @@ def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, 
     the last token's)."""
     depth = len(weights.layers)
     a_rows, b_rows, c_rows, *last = gates
-    x = ChunkInputs(weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q, a_rows,
-                    b_rows, c_rows, tuple(last))
-    flat = x.flatten()
+    batch = writes.theta.shape[:-1]
+    # One batch axis: every matmul is then a plain bmm, without matmul's expand/reshape ops.
+    flat = tuple(t.reshape(batch.numel(), *t.shape[len(batch):]) for t in ChunkInputs(
+        weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q, a_rows, b_rows, c_rows,
+        tuple(last)).flatten())
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
         outs = _MemoryChunk.apply(spec, grad_clip, depth, *flat)  # type: ignore[no-untyped-call]
     else:
-        outs = _chunk_forward(x, spec, grad_clip)[0]
-    y, sq, *state = outs
-    if not x.last:
+        outs = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip)[0]
+    y, sq, *state = (t.reshape(*batch, *t.shape[1:]) for t in outs)
+    if not last:
         return ChunkResult(y, None, None, sq)
     return ChunkResult(y, MemoryWeights(tuple(state[:depth])), MemoryWeights(tuple(state[depth:])), sq)
 
