@@ -41,6 +41,7 @@ from nestlearn.memory.mlp import (
     activation_second_derivative,
     activation_vjp,
     l2_loss_grads_trace,
+    linear,
 )
 from nestlearn.memory.state import MemoryWeights, Writes
 
@@ -193,11 +194,13 @@ def _add(acc: Tensor | None, x: Tensor) -> Tensor:
 
 
 def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
-                   ) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
+                   fused: bool = True) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
     """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``).
 
     Few large matmuls run far faster on CPU than many small ones: each retrieval layer is one
-    or two (``_scales_input``), the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z.
+    or two (``_scales_input``), the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z. Without
+    ``fused`` (no backward to follow, e.g. decoding one token) the retrieval skips building
+    those operands, whose copies of W and S would then outweigh the matmuls they serve.
     """
     loss = l2_loss_grads_trace(x.weights, x.k, x.v, spec)
     deltas, inputs = loss.grads.deltas, loss.grads.inputs
@@ -211,7 +214,9 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     for layer, (w, s, d, z) in enumerate(zip(x.weights, x.momentum, deltas, inputs, strict=True)):
         a = acts[-1]
         gram.append(a @ z.mT)
-        if _scales_input(w):
+        if not fused:
+            u = _mm_add(torch.addcmul(a_t * linear(w, a), b_t, linear(s, a)), -(mix * gram[-1]), d)
+        elif _scales_input(w):
             left.append(torch.cat([a_t * a, b_t * a, -(mix * gram[-1])], -1))
             right.append(torch.cat([w, s, d.mT], -1))
             u = left[-1] @ right[-1].mT
@@ -429,7 +434,7 @@ def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, 
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
         outs = _MemoryChunk.apply(spec, grad_clip, depth, *flat)  # type: ignore[no-untyped-call]
     else:
-        outs = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip)[0]
+        outs = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip, fused=False)[0]
     y, sq, *state = (t.reshape(*batch, *t.shape[1:]) for t in outs)
     if not last:
         return ChunkResult(y, None, None, sq)
