@@ -22,7 +22,8 @@ Every g_i is Σ_l δ^(l)_i ⊗ z^(l)_i (``mlp.l2_loss_grads``), so the retrieval
     W^(l)_t a_t = A_t W^(l)_0 a_t + b_t S^(l)_0 a_t - Σ_i c_{t,i} θ_i δ^(l)_i (z^(l)_i · a_t),
 
 i.e. C×C attention-like matrices. The state handed on is (M_n, S_n) by the same formulas.
-Everything is ordinary differentiable torch ops, so the outer loop backpropagates through it.
+The outer loop backpropagates through it: each chunk is an ``autograd.Function`` whose
+backward is written out (``_chunk_backward``), the gate coefficients ordinary torch ops.
 """
 
 from __future__ import annotations
