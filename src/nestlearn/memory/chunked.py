@@ -23,7 +23,8 @@ Every g_i is Σ_l δ^(l)_i ⊗ z^(l)_i (``mlp.l2_loss_grads``), so the retrieval
 
 i.e. C×C attention-like matrices. The state handed on is (M_n, S_n) by the same formulas.
 The outer loop backpropagates through it: each chunk is an ``autograd.Function`` whose
-backward is written out (``_chunk_backward``), the gate coefficients ordinary torch ops.
+backward is written out (``_chunk_backward``), as is that of the segment products of the
+gate coefficients (``_SegmentProducts``); both are differentiable again under ``create_graph``.
 """
 
 from __future__ import annotations
