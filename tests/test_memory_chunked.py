@@ -81,6 +81,20 @@ def test_coefficients_stable_for_tiny_gates() -> None:
     torch.testing.assert_close(co.momentum, torch.eye(64, dtype=F64))
 
 
+def test_coefficient_gradients() -> None:
+    """The hand-written backward of the segment products, once and twice differentiated."""
+    gen = torch.Generator().manual_seed(2)
+    log_eta = F.logsigmoid(torch.randn(2, 5, generator=gen, dtype=F64)).requires_grad_()
+    log_keep = F.logsigmoid(torch.randn(2, 5, generator=gen, dtype=F64) + 2).requires_grad_()
+
+    def fn(le: Tensor, lk: Tensor) -> tuple[Tensor, ...]:
+        co = ChunkCoefficients.build(le, lk)
+        return co.A, co.E, co.b, co.c, co.momentum
+
+    assert torch.autograd.gradcheck(fn, (log_eta, log_keep))
+    assert torch.autograd.gradgradcheck(fn, (log_eta, log_keep))
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_chunk_one_equals_per_token_recurrence(depth: int, clip: float | None) -> None:
@@ -182,6 +196,35 @@ def _rebuild(xs: list[Tensor], depth: int) -> tuple[MemoryWeights, MemoryWeights
     return w, s, xs[2 * depth], Writes(*xs[2 * depth + 1:])
 
 
+GRAD_CASES = [(depth, mom, forget, clip, chunk) for depth in (1, 2) for mom, forget in
+              [(True, True), (False, True), (True, False), (False, False)]
+              for clip in (None, 0.7) for chunk in (3, 16)]
+
+
+@pytest.mark.parametrize(("depth", "momentum", "forgetting", "clip", "chunk"),
+                         [*GRAD_CASES, (3, True, True, 0.7, 4), (3, False, True, None, 8)])
+def test_gradients_equal_reference_all_options(depth: int, momentum: bool, forgetting: bool,
+                                               clip: float | None, chunk: int) -> None:
+    """The hand-written chunk backward against autograd through the reference, for a tail
+    (T=10, C=3) and a sequence shorter than one chunk (C=16); depth 3 with GELU and residual."""
+    spec = MemoryMLPSpec(D, depth, 2.0, "gelu" if depth == 3 else "silu", residual=depth == 3)
+    inputs = make_inputs(spec, 10, depth * 10 + chunk, momentum, forgetting)
+    leaves = [x.requires_grad_() for x in _all_inputs(*inputs)]
+    w, s, q, writes = _rebuild(leaves, depth)
+    probe = torch.randn(B, H, 10, D, dtype=F64)
+
+    def loss(y: Tensor, m: MemoryWeights, mom: MemoryWeights) -> Tensor:
+        return (y * probe).sum() + m.sq_norm().sum() + 0.3 * mom.sq_norm().sum()
+
+    y_ref, m_ref, s_ref = reference_memory_scan(w, s, q, writes, spec, chunk, clip)
+    expected = torch.autograd.grad(loss(y_ref, m_ref, s_ref), leaves)
+    res = chunked_memory_scan(w, s, writes.slice(0, 0), q, writes, spec, chunk, clip)
+    m_now, s_now = current_memory(res.weights, res.momentum, res.buffer, spec, clip)
+    got = torch.autograd.grad(loss(res.y, m_now, s_now), leaves)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk", [3, 8])
 def test_gradients_equal_reference(chunk: int) -> None:
     spec = MemoryMLPSpec(D, 2, 2.0)
@@ -211,3 +254,38 @@ def test_gradcheck_tiny_memory() -> None:
         return (res.y, *res.weights.layers, *res.momentum.layers)
 
     assert torch.autograd.gradcheck(fn, tuple(xs))
+
+
+@pytest.mark.parametrize(("spec", "chunk", "clip", "momentum"), [
+    (MemoryMLPSpec(2, 1), 2, None, True),
+    (MemoryMLPSpec(2, 2, 1.5), 8, 0.8, True),
+    (MemoryMLPSpec(2, 2, 1.5), 3, 0.8, False),
+    (MemoryMLPSpec(2, 3, 1.0, "gelu", residual=True), 2, 0.8, True),
+], ids=str)
+def test_gradcheck_chunk_backward(spec: MemoryMLPSpec, chunk: int, clip: float | None,
+                                  momentum: bool) -> None:
+    """Every output (y, ||g_t||², M, S) against finite differences, with a tail chunk."""
+    xs = [x.requires_grad_() for x in _all_inputs(*make_inputs(spec, 5, chunk, momentum,
+                                                                batch=1, heads=1))]
+    if not momentum:
+        xs[-2].requires_grad_(False)  # log η = -inf: no finite differences
+
+    def fn(*args: Tensor) -> tuple[Tensor, ...]:
+        w, s, qq, wr = _rebuild(list(args), spec.depth)
+        res = chunked_memory_scan(w, s, wr.slice(0, 0), qq, wr, spec, chunk, clip)
+        return (res.y, res.sq_norms, *res.weights.layers, *res.momentum.layers)
+
+    assert torch.autograd.gradcheck(fn, tuple(xs))
+
+
+def test_gradgradcheck_chunk_backward() -> None:
+    """Double backward (``create_graph``, e.g. HOPE's in-context CMS above a Titans memory)."""
+    spec = MemoryMLPSpec(2, 2, 1.0)
+    xs = [x.requires_grad_() for x in _all_inputs(*make_inputs(spec, 3, 9, batch=1, heads=1))]
+
+    def fn(*args: Tensor) -> tuple[Tensor, ...]:
+        w, s, qq, wr = _rebuild(list(args), spec.depth)
+        res = chunked_memory_scan(w, s, wr.slice(0, 0), qq, wr, spec, 2, 0.8)
+        return (res.y, *res.weights.layers)
+
+    assert torch.autograd.gradgradcheck(fn, tuple(xs))

@@ -12,7 +12,7 @@ from nestlearn.memory import (
     l2_loss_grads,
     mlp_forward,
 )
-from nestlearn.memory.mlp import activation_derivative
+from nestlearn.memory.mlp import activation_derivative, activation_second_derivative
 
 B, H, N, D = 2, 3, 5, 4
 
@@ -29,6 +29,15 @@ def test_activation_derivative(activation: str) -> None:
     act = torch.nn.functional.silu(u) if spec.activation == "silu" else torch.nn.functional.gelu(u)
     (expected,) = torch.autograd.grad(act.sum(), u)
     torch.testing.assert_close(activation_derivative(u.detach(), spec.activation), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_activation_second_derivative(activation: str) -> None:
+    u = torch.linspace(-6, 6, 101, dtype=torch.float64, requires_grad=True)
+    spec = MemoryMLPSpec(2, activation=activation)  # type: ignore[arg-type]
+    (expected,) = torch.autograd.grad(activation_derivative(u, spec.activation).sum(), u)
+    torch.testing.assert_close(activation_second_derivative(u.detach(), spec.activation), expected,
                                rtol=1e-12, atol=1e-12)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig
+from nestlearn.memory.neural_memory import causal_depthwise_conv
 
 TINY = NeuralMemoryConfig(d_model=8, heads=2, head_dim=4, depth=2, expansion=2.0, chunk_size=4,
                           max_lr=0.5, grad_clip=1.0)
@@ -169,3 +170,19 @@ def test_memory_learns_key_value_pairs_in_context(depth: int, max_lr: float, mom
                     / target.square().sum()) for p in range(passes)]
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.15 < errors[0], errors
+
+
+def test_causal_depthwise_conv_equals_conv1d() -> None:
+    gen = torch.Generator().manual_seed(3)
+    padded = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(6, 1, 4, generator=gen, dtype=torch.float64)
+    expected = F.conv1d(padded.transpose(1, 2), weight, groups=6).transpose(1, 2)
+    torch.testing.assert_close(causal_depthwise_conv(padded, weight), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_depthwise_conv_gradients() -> None:
+    gen = torch.Generator().manual_seed(4)
+    padded = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, weight))
+    assert torch.autograd.gradgradcheck(causal_depthwise_conv, (padded, weight))

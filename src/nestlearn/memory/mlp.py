@@ -72,6 +72,25 @@ def activation_derivative(u: Tensor, activation: Activation) -> Tensor:
     return cdf + u * pdf
 
 
+def activation_vjp(grad: Tensor, u: Tensor, activation: Activation) -> Tensor:
+    """grad ⊙ act'(u): one fused kernel (the backward of ``activate``), or, when autograd
+    records (the kernels have no derivative of their own), ``activation_derivative``."""
+    if torch.is_grad_enabled():
+        return grad * activation_derivative(u, activation)
+    out: Tensor = (torch.ops.aten.silu_backward(grad, u) if activation == "silu"
+                   else torch.ops.aten.gelu_backward(grad, u))
+    return out
+
+
+def activation_second_derivative(u: Tensor, activation: Activation) -> Tensor:
+    """d² act / du², for the hand-written backward of the closed-form gradients (``chunked``)."""
+    if activation == "silu":
+        s = torch.sigmoid(u)
+        return s * (1 - s) * (2 + u * (1 - 2 * s))
+    pdf = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    return pdf * (2 - u * u)
+
+
 def linear(w: Tensor, a: Tensor) -> Tensor:
     """``W a`` for a batch of row vectors: w ``(..., out, in)``, a ``(..., n, in)``."""
     return a @ w.transpose(-1, -2)
@@ -103,23 +122,45 @@ class RankOneGrads:
         return total
 
 
+@dataclass(frozen=True)
+class LossGradsTrace:
+    """``l2_loss_grads`` with the intermediates a backward through it needs, per hidden layer
+    l < L: ``pre`` u^(l), ``slopes`` act'(u^(l)) and ``back`` W^(l+1)ᵀ δ^(l+1) (so that
+    δ^(l) = back ⊙ slopes)."""
+
+    grads: RankOneGrads
+    pre: tuple[Tensor, ...]
+    slopes: tuple[Tensor, ...]
+    back: tuple[Tensor, ...]
+
+
 def l2_loss_grads(layers: Sequence[Tensor], k: Tensor, v: Tensor, spec: MemoryMLPSpec) -> RankOneGrads:
     """Closed-form backward of ℓ = ||M(k_t) - v_t||² for every token at once (no autograd).
 
     dℓ/du^(L) = 2 (M(k) - v); dℓ/du^(l) = (W^(l+1)ᵀ dℓ/du^(l+1)) ⊙ act'(u^(l)).
     """
+    return l2_loss_grads_trace(layers, k, v, spec).grads
+
+
+def l2_loss_grads_trace(layers: Sequence[Tensor], k: Tensor, v: Tensor,
+                        spec: MemoryMLPSpec) -> LossGradsTrace:
+    """``l2_loss_grads`` and its intermediates (``LossGradsTrace``)."""
     inputs: list[Tensor] = []
     pre: list[Tensor] = []
     a = k
     for i, w in enumerate(layers):
         inputs.append(a)
-        u = linear(w, a)
-        pre.append(u)
-        a = activate(u, spec.activation) if i < len(layers) - 1 else u
+        a = linear(w, a)
+        if i < len(layers) - 1:
+            pre.append(a)
+            a = activate(a, spec.activation)
     out = a + k if spec.residual else a
     delta = 2 * (out - v)
-    deltas = [delta]
+    deltas, slopes, back = [delta], [], []
     for i in range(len(layers) - 1, 0, -1):
-        delta = (delta @ layers[i]) * activation_derivative(pre[i - 1], spec.activation)
+        back.append(delta @ layers[i])
+        slopes.append(activation_derivative(pre[i - 1], spec.activation))
+        delta = back[-1] * slopes[-1]
         deltas.append(delta)
-    return RankOneGrads(tuple(reversed(deltas)), tuple(inputs))
+    return LossGradsTrace(RankOneGrads(tuple(reversed(deltas)), tuple(inputs)), tuple(pre),
+                          tuple(reversed(slopes)), tuple(reversed(back)))

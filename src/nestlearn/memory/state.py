@@ -65,6 +65,13 @@ class Writes:
         return Writes(k[..., start:end, :], v[..., start:end, :], theta[..., start:end],
                       log_eta[..., start:end], log_keep[..., start:end])
 
+    def split(self, sizes: list[int]) -> list[Writes]:
+        """Consecutive pieces of ``sizes`` tokens. Unlike many ``slice`` calls, whose backward
+        zero-fills a full-length gradient per piece, the backward of a split is one ``cat``."""
+        parts = [torch.split(t, sizes, dim=-1) for t in (self.theta, self.log_eta, self.log_keep)]
+        return [Writes(k, v, *rest) for k, v, *rest in zip(
+            torch.split(self.k, sizes, dim=-2), torch.split(self.v, sizes, dim=-2), *parts, strict=True)]
+
     def cat(self, other: Writes) -> Writes:
         """Concatenate along time."""
         if self.length == 0:
