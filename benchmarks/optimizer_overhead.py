@@ -5,6 +5,8 @@ Every optimizer gets its own copy of the same Transformer++ (`--config`, default
 training step (forward + backward + clipping + optimizer step, as the Trainer does) for every
 optimizer in a rotated order, so machine noise hits all of them alike; the overhead is the
 median over repetitions of each step's time over the AdamW step of the same repetition.
+Subnormal floats are flushed to zero (where the CPU supports it), so that a model an
+optimizer drives to extreme values is not timed on the CPU's subnormal slow path.
 
 The nested optimizer is timed in its steady state: its warm-up includes one real meta-update
 (so the momentum MLP's output layer is no longer the zero it starts at, which would let the
@@ -205,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     batch = args.batch_size or cfg.train.batch_size
     seq_len = args.seq_len or cfg.train.seq_len
+    # Subnormal floats take a microcode slow path on x86. An optimizer that drives its model to
+    # extreme values in these few untuned, unscheduled steps (M3 at the config's lr grows weights
+    # by ~6 per step) would otherwise be timed on that slow path in its model's forward/backward,
+    # not on its own arithmetic. Flushing them to zero times every optimizer's real work.
+    flush_denormal = torch.set_flush_denormal(True)
     seed_everything(cfg.seed)
     base = build(dataclasses.replace(cfg.model, vocab_size=args.vocab_size))
     batches = [torch.randint(0, args.vocab_size, (batch, seq_len + 1)) for _ in range(4)]
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"config": args.config, "vocab_size": args.vocab_size,
                      "batch_size": batch, "seq_len": seq_len, "reps": args.reps,
                      "warmup": args.warmup, "meta_batch_size": args.meta_batch_size,
-                     "baseline": BASELINE},
+                     "baseline": BASELINE, "flush_denormal": flush_denormal},
         "results_by_threads": results,
     })
     print(f"wrote {args.out}")
