@@ -183,6 +183,10 @@ def test_flops_per_token() -> None:
                  for w in b.memory.memory_init)
     base = 6 * titans._matmul_params() + 12 * L * D * 64
     assert titans.flops_per_token(64) == base + 18 * memory
+    hope = make("hope", chunk_sizes=[1])  # no softmax attention: no T-dependent term
+    self_ref = sum(w.numel() for b in hope.hope_blocks() if b.self_ref is not None
+                   for w in (*b.self_ref.other_init, *b.self_ref.memory_init))
+    assert hope.flops_per_token(64) == hope.flops_per_token(1024) == 6 * hope._matmul_params() + 18 * self_ref
 
 
 # ---- in-context CMS ---------------------------------------------------------------------

@@ -237,21 +237,28 @@ class HopeLM(LanguageModel):
     # ---- cost ------------------------------------------------------------------------------
 
     def flops_per_token(self, seq_len: int) -> float:
-        """`LanguageModel`'s 6N + attention estimate, plus two terms.
+        """`LanguageModel`'s 6N + attention estimate, the attention term only for blocks that
+        have softmax attention (`hope` has none), plus the in-context work.
 
-        Titans memory: per token, the memory MLP's retrieval, inner gradient and update cost
-        about 8 FLOPs per memory weight forward, 24 in training; its initial weights are already
-        in N (6 each), so 18 x the memory weights are added. In-context CMS: every segment
-        back-propagates the task loss to the CMS weights (a backward of the whole network,
-        ~4N forward-time FLOPs) and training differentiates through it, so the 6N term is
-        counted three times. Rough by design, like the base estimate.
+        Titans memory and self-referential Titans: per token, each memory MLP's reads, inner
+        gradient and update cost about 8 FLOPs per memory weight forward, 24 in training; the
+        initial weights are already in N (6 each), so 18 x the memory weights are added (for
+        self-referential Titans all five memories; the DGD solve, O(C d) per token, is left
+        out). In-context CMS: every segment back-propagates the task loss to the CMS weights (a
+        backward of the whole network, ~4N forward-time FLOPs) and training differentiates
+        through it, so the 6N term is counted three times. Rough by design, like the base.
         """
         flops = super().flops_per_token(seq_len)
         if self.in_context:
             flops += 12 * self._matmul_params()
         for block in self.hope_blocks():
+            if block.attn is None:
+                flops -= 12 * self.config.d_model * seq_len
             if block.memory is not None:
                 flops += 18 * sum(w.numel() for w in block.memory.memory_init)
+            if block.self_ref is not None:
+                flops += 18 * sum(w.numel() for w in (*block.self_ref.other_init,
+                                                      *block.self_ref.memory_init))
         return flops
 
     # ---- forward ---------------------------------------------------------------------------
