@@ -622,7 +622,8 @@ class SelfRefTitans(nn.Module):
             w = stream.slice(start, end)
             v_hat = mlp_forward(group.weights.layers, w.v, spec)
             grads = l2_loss_grads(group.weights.layers, w.k, v_hat, spec)
-            surprise.append(grads.sq_norm().detach())
+            with torch.no_grad():  # a metric: no graph
+                surprise.append(grads.sq_norm())
             return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd)
 
         outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
@@ -681,7 +682,10 @@ class SelfRefTitans(nn.Module):
             if not complete:
                 continue
             grads, reads = _target_grads(weights, v, k, spec)
-            surprise.append(grads.sq_norm().detach()[..., n_other, :])  # M_memory's
+            with torch.no_grad():  # a metric of M_memory's inner loop: no graph
+                surprise.append(RankOneGrads(tuple(t[..., n_other, :, :] for t in grads.deltas),
+                                             tuple(t[..., min(n_other, t.shape[-3] - 1), :, :]
+                                                   for t in grads.inputs)).sq_norm())
             new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None
                                                else MemoryWeights(momentum)),
                                     grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), decay, c.dgd)
