@@ -82,6 +82,25 @@ def test_chunked_fast_path_equals_chunkwise_reference(other_chunk: int, memory_c
     torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
 
 
+def assert_outer_grads_match_reference(layer: SelfRefTitans, x: Tensor, y: Tensor,
+                                       allow_unused: bool = False) -> None:
+    """Gradients of a squared error of the fast output ``y`` (of ``x``) w.r.t. every parameter
+    and ``x`` equal the reference path's, and none is zero; with ``allow_unused`` a parameter
+    may get no gradient, in both paths alike."""
+    target = inputs(x.shape[1], seed=5)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [*layer.parameters(), x]
+    fast = torch.autograd.grad((y - target).square().sum(), params, allow_unused=allow_unused)
+    ref = torch.autograd.grad((reference_self_ref(layer, x) - target).square().sum(), params,
+                              allow_unused=allow_unused)
+    for name, g_fast, g_ref in zip([*names, "x"], fast, ref, strict=True):
+        if allow_unused and g_ref is None:
+            assert g_fast is None, name
+            continue
+        assert g_ref is not None and g_fast is not None and g_ref.abs().max() > 0, name
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10, msg=name)
+
+
 ABLATIONS = {
     "static_k": {"static_projections": ("q", "k")},
     "static_v": {"static_projections": ("q", "v")},
@@ -114,14 +133,7 @@ def test_ablations_stream_and_differentiate_like_the_reference(ablation: str) ->
     torch.testing.assert_close(torch.cat(parts, 1), y, rtol=1e-9, atol=1e-10)
     assert split_state is not None
     assert_states_close(split_state, state)
-    names = [n for n, _ in layer.named_parameters()]
-    params = [*layer.parameters(), x]
-    target = inputs(10, seed=5)
-    fast = torch.autograd.grad((y - target).square().sum(), params)
-    ref = torch.autograd.grad((reference_self_ref(layer, x) - target).square().sum(), params)
-    for name, g_fast, g_ref in zip([*names, "x"], fast, ref, strict=True):
-        assert g_ref.abs().max() > 0, name
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10, msg=name)
+    assert_outer_grads_match_reference(layer, x, y)
 
 
 def test_ablation_options_shape_the_layer() -> None:
@@ -191,17 +203,7 @@ def test_gradients_equal_reference(other_chunk: int, memory_chunk: int, t: int) 
     parameters get no gradient in either path)."""
     layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk)
     x = inputs(t).requires_grad_()
-    target = inputs(t, seed=5)
-    names = [n for n, _ in layer.named_parameters()]
-    params = [*layer.parameters(), x]
-    fast = torch.autograd.grad((layer(x)[0] - target).square().sum(), params, allow_unused=True)
-    ref = torch.autograd.grad((reference_self_ref(layer, x) - target).square().sum(), params, allow_unused=True)
-    for name, g_fast, g_ref in zip([*names, "x"], fast, ref, strict=True):
-        if t < memory_chunk and g_ref is None:
-            assert g_fast is None, name
-            continue
-        assert g_ref is not None and g_fast is not None and g_ref.abs().max() > 0, name
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10, msg=name)
+    assert_outer_grads_match_reference(layer, x, layer(x)[0], allow_unused=t < memory_chunk)
 
 
 def test_gradcheck_tiny() -> None:
