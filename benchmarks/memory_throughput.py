@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig
 from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.numerics import flush_subnormals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,6 +102,7 @@ def decode(memory: NeuralMemory, length: int, dim: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    flushed = flush_subnormals()  # before the thread pool starts (utils.numerics)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = NeuralMemoryConfig(d_model=args.dim, heads=args.heads, head_dim=args.dim // args.heads,
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{d['tokens']:14d} {d['tokens_per_s']:8.0f} {d['rss_delta_mb']:18.1f} {d['state_weights_mb']:13.2f}")
     atomic_write_json(args.out, {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "torch": torch.__version__, "load_average": os.getloadavg(),
+        "torch": torch.__version__, "load_average": os.getloadavg(), "flush_subnormals": flushed,
         "train": rows, "speedup_vs_reference": fast / ref, "speedup_vs_attention": fast / attn,
         "decode": decode_rows,
     })

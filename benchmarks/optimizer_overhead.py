@@ -41,6 +41,7 @@ from nestlearn.eval.perplexity import lm_loss
 from nestlearn.models import build
 from nestlearn.optim import DeepNestedOptimizer, build_optimizer
 from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.numerics import flush_subnormals
 from nestlearn.utils.seeding import seed_everything
 
 BASELINE = "torch_adamw"
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     # extreme values in these few untuned, unscheduled steps (M3 at the config's lr grows weights
     # by ~6 per step) would otherwise be timed on that slow path in its model's forward/backward,
     # not on its own arithmetic. Flushing them to zero times every optimizer's real work.
-    flush_denormal = torch.set_flush_denormal(True)
+    flush_denormal = flush_subnormals()
     seed_everything(cfg.seed)
     base = build(dataclasses.replace(cfg.model, vocab_size=args.vocab_size))
     batches = [torch.randint(0, args.vocab_size, (batch, seq_len + 1)) for _ in range(4)]

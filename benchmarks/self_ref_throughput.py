@@ -26,6 +26,7 @@ from torch import Tensor
 from nestlearn.memory.self_ref import SelfRefTitans, SelfRefTitansConfig
 from nestlearn.memory.self_ref_reference import reference_self_ref
 from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.numerics import flush_subnormals
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory_throughput import time_train
@@ -55,6 +56,7 @@ def run_layer(layer: SelfRefTitans) -> Callable[[Tensor], Tensor]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    flushed = flush_subnormals()  # before the thread pool starts (utils.numerics)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # v_norm as `hope` runs it (model.self_ref.v_norm): without it the self-generated targets
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up fast / reference: {speedup:.1f}x")
     atomic_write_json(args.out, {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "torch": torch.__version__, "load_average": os.getloadavg(),
+        "torch": torch.__version__, "load_average": os.getloadavg(), "flush_subnormals": flushed,
         "train": rows, "speedup_vs_reference": speedup,
     })
     print(f"\nwrote {args.out}")

@@ -28,6 +28,7 @@ from nestlearn.config import ConfigError, RunConfig, load_config
 from nestlearn.models import build
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
 from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.numerics import flush_subnormals
 from nestlearn.utils.seeding import seed_everything
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -159,6 +160,7 @@ def load_named(name: str, overrides: list[str]) -> RunConfig | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    flushed = flush_subnormals()  # as training does (train.flush_subnormals); before the thread pool
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"device": str(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "matmul_size": args.matmul_size,
                     "peak_flops": peaks},
-        "settings": {"steps": args.steps, "warmup": args.warmup, "overrides": args.overrides},
+        "settings": {"steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
+                     "flush_subnormals": flushed},
         "results": rows,
     })
     print(f"wrote {args.out}")

@@ -19,6 +19,7 @@ from nestlearn.data import PreparedData, prepare_data
 from nestlearn.eval.report import write_report
 from nestlearn.train.trainer import Trainer
 from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.numerics import flush_subnormals
 from nestlearn.utils.seeding import seed_everything
 
 Log = Callable[[str], None]
@@ -49,6 +50,8 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
           log: Log = print) -> tuple[Path, dict[str, Any]]:
     """Train `cfg.model` on `data`; writes config.json, metrics and checkpoints in the run dir."""
     cfg = with_vocab(cfg, data)
+    if cfg.train.flush_subnormals:  # first: the thread pool inherits it when it starts
+        flush_subnormals()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)

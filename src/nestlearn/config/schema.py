@@ -365,6 +365,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (step skipped) before failing
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    flush_subnormals: bool = True  # FTZ/DAZ on CPU: the memories' decays make subnormals (utils.numerics)
 
     def check(self, where: str) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
