@@ -85,6 +85,12 @@ def test_literal_choices_are_listed() -> None:
         load_config(None, ["train.precision=fp16"])
 
 
+def test_compiled_self_ref_is_refused_with_in_context_cms() -> None:
+    with pytest.raises(ConfigError, match=r"model\.self_ref\.compile.*double backward"):
+        load_config("hope/pilot_smoke", ["model.self_ref.compile=true", "model.cms.in_context=true",
+                                           "model.cms.chunk_sizes=[4,8]"])
+
+
 def test_defaults_merge_and_child_wins(tmp_path: Path) -> None:
     write(tmp_path / "base.yaml", "train:\n  steps: 10\n  batch_size: 3\n")
     write(tmp_path / "child.yaml", "defaults: [base]\ntrain:\n  steps: 20\n")

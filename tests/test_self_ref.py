@@ -385,3 +385,31 @@ def test_learns_in_context_recall() -> None:
     assert loss < 0.6, float(loss)  # predicting 0 gives 1
     assert acc > 2.4 / pairs, float(acc)  # chance is 1 / pairs
     assert frozen_acc < 1.6 / pairs, float(frozen_acc)
+
+
+def test_compiled_chunk_step_equals_eager() -> None:
+    """``compile=True`` (torch.compile of each full aligned chunk) gives the eager path's
+    outputs, states and outer gradients, in one call (with a tail) and split across calls.
+    float64 on tiny shapes; inductor reassociates sums, hence 1e-9 and not bit equality."""
+    import dataclasses
+
+    from nestlearn.memory import self_ref
+
+    eager = make_layer(other_chunk_size=4, memory_chunk_size=4)
+    compiled = SelfRefTitans(dataclasses.replace(eager.config, compile=True)).to(F64)
+    compiled.load_state_dict(eager.state_dict())
+    x = inputs(14).requires_grad_()
+    y, state = eager(x)
+    y_c, state_c = compiled(x)
+    assert self_ref._compiled_chunk.cache_info().currsize >= 1  # the compiled step did run
+    torch.testing.assert_close(y_c, y, rtol=1e-9, atol=1e-10)
+    assert_states_close(state_c, state)
+    params = [p for p in eager.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), [x, *params])
+    grads_c = torch.autograd.grad(y_c.square().sum(), [x, *compiled.parameters()])
+    for g, g_c in zip(grads, grads_c, strict=True):
+        torch.testing.assert_close(g_c, g, rtol=1e-9, atol=1e-10)
+    first, mid = compiled(x[:, :6])
+    rest, end = compiled(x[:, 6:], mid)
+    torch.testing.assert_close(torch.cat([first, rest], 1), y, rtol=1e-9, atol=1e-10)
+    assert_states_close(end, state)

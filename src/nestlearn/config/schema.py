@@ -218,6 +218,7 @@ class SelfRefConfig:
     eta_max: float = 0.5
     weight_decay: bool = True
     static_projections: list[str] = field(default_factory=lambda: ["q"])
+    compile: bool = False  # torch.compile each chunk step (SelfRefTitansConfig.compile)
 
     def check(self, where: str) -> None:
         static = self.static_projections
@@ -271,6 +272,9 @@ class ModelConfig:
         self.titans.check(f"{where}.titans")
         self.cms.check(f"{where}.cms")
         self.self_ref.check(f"{where}.self_ref")
+        if self.self_ref.compile and self.cms.in_context:  # in-context CMS differentiates its gradients
+            raise ConfigError(f"{where}.self_ref.compile", True,
+                              "false with cms.in_context (a compiled backward has no double backward)")
 
 
 @dataclass

@@ -104,6 +104,13 @@ class SelfRefTitansConfig:
     instead of the output of an in-context memory M_k, M_v, M_q; Hope's own is ``("q",)``
     (Eq. 84), ``()`` generates q by a memory M_q too. ``weight_decay=False`` fixes α_t ≡ 1 (no
     M_α): the DGD decay becomes (I - η_t k_t k_tᵀ), the plain step W + S.
+
+    ``compile``: run each full chunk of the aligned path (equal chunk sizes, static q: Hope's
+    own setting) through ``torch.compile``, which fuses the many elementwise passes over the
+    ``(B, H, 5, C, C)`` and ``(B, H, 5, d, d)`` tensors of forward and backward (1.5-1.6× on a
+    2-core CPU). Layers of one config share one compiled step; the first call compiles it
+    (seconds to a minute, cached on disk by inductor). Its backward cannot itself be
+    differentiated (``create_graph``): leave it off for meta-objectives through the model.
     """
 
     d_model: int
@@ -123,6 +130,7 @@ class SelfRefTitansConfig:
     init_scale: float = 1.0
     static_projections: tuple[str, ...] = ("q",)
     weight_decay: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "head_dim", "memory_chunk_size", "other_chunk_size"):
@@ -431,6 +439,31 @@ class _DgdLayer(torch.autograd.Function):
                 fit(g_bp, b_prev), fit(g_bn, b_n), fit(g_en, e_n), fit(g_sw, step_w))
 
 
+def token_writes(c: SelfRefTitansConfig, other_out: Tensor, xs: Tensor, readout_weight: Tensor,
+                 readout_bias: Tensor, to_k: Tensor | None, to_v: Tensor | None) -> TokenWrites:
+    """``SelfRefTitans.token_writes`` as a function of its parameters (``to_k``/``to_v``: the
+    weights of static k/v projections, ``None`` when generated), so that one compiled chunk
+    step serves every layer of a config."""
+    out = dict(zip(c.generated, other_out.unbind(-3), strict=True))
+    for name, proj in (("k", to_k), ("v", to_v)):
+        if proj is not None:
+            b, h, n, d = xs.shape
+            out[name] = F.linear(xs.transpose(-3, -2).reshape(b, n, h * d), proj).view(b, n, h, d).transpose(1, 2)
+    k, v, q = out["k"], out["v"], out.get("q")
+    if c.qk_norm:
+        k = F.normalize(k, dim=-1)
+        q = None if q is None else F.normalize(q, dim=-1)
+    if c.v_norm:
+        v = F.normalize(v, dim=-1)
+
+    def logit(y: Tensor, i: int) -> Tensor:
+        return (y * readout_weight[i, :, None, :]).sum(-1) + readout_bias[i, :, None]
+
+    eta = c.eta_max * torch.sigmoid(logit(out["eta"], 0))
+    log_alpha = F.logsigmoid(logit(out["alpha"], 1)) if c.weight_decay else torch.zeros_like(eta)
+    return TokenWrites(k, v, q, eta, log_alpha)
+
+
 S = TypeVar("S")
 ChunkStep = Callable[[S, int, int, int, bool], tuple[Tensor, S | None]]
 
@@ -541,26 +574,12 @@ class SelfRefTitans(nn.Module):
     def token_writes(self, other_out: Tensor, xs: Tensor) -> TokenWrites:
         """Outputs ``(B, H, n_other, n, d)`` of the "other" memories on the per-head inputs xs
         ``(B, H, n, d)`` -> the tokens' writes; a static k or v is projected from xs here."""
-        c = self.config
-        out = dict(zip(self.generated, other_out.unbind(-3), strict=True))
-        for name, proj in (("k", self.to_k), ("v", self.to_v)):
-            if proj is not None:
-                b, h, n, d = xs.shape
-                out[name] = proj(xs.transpose(-3, -2).reshape(b, n, h * d)).view(b, n, h, d).transpose(1, 2)
-        k, v, q = out["k"], out["v"], out.get("q")
-        if c.qk_norm:
-            k = F.normalize(k, dim=-1)
-            q = None if q is None else F.normalize(q, dim=-1)
-        if c.v_norm:
-            v = F.normalize(v, dim=-1)
-        w, b_ = self.readout_weight, self.readout_bias
+        return token_writes(self.config, other_out, xs, *self._write_params())
 
-        def logit(y: Tensor, i: int) -> Tensor:
-            return (y * w[i, :, None, :]).sum(-1) + b_[i, :, None]
-
-        eta = c.eta_max * torch.sigmoid(logit(out["eta"], 0))
-        log_alpha = F.logsigmoid(logit(out["alpha"], 1)) if c.weight_decay else torch.zeros_like(eta)
-        return TokenWrites(k, v, q, eta, log_alpha)
+    def _write_params(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The outer parameters ``token_writes`` reads: η/α readouts and static k, v weights."""
+        return (self.readout_weight, self.readout_bias, None if self.to_k is None else self.to_k.weight,
+                None if self.to_v is None else self.to_v.weight)
 
     def readout(self, o: Tensor) -> Tensor:
         """o ``(B, H, T, d)`` -> ``(B, T, D)``."""
@@ -642,7 +661,7 @@ class SelfRefTitans(nn.Module):
         buffers): the five memories M_k, M_v, M_η, M_α, M_memory run as one stacked batch
         ``(B, H, 5, out, in)``, one pass per chunk. Same equations as the general path: the
         buffered tokens' writes are regenerated from the same chunk-start memories."""
-        c, spec = self.config, self.config.spec()
+        c = self.config
         n_other = len(self.generated)
         p = state.other_buffer.shape[-2]
         x_stream = torch.cat([state.other_buffer, xh], dim=-2)
@@ -660,7 +679,10 @@ class SelfRefTitans(nn.Module):
         decay = None  # the β factors of a full chunk, shared by all of them
         if log_momentum is not None:
             log_beta = torch.cat([log_momentum[0], log_momentum[1].unsqueeze(-1)], dim=-1)  # (H, n_other + 1)
-            decay = _MomentumDecay.build(log_beta.unsqueeze(-1).expand(*log_beta.shape, chunk))
+            factors = _MomentumDecay.build(log_beta.unsqueeze(-1).expand(*log_beta.shape, chunk))
+            decay = (factors.rows, factors.e_n, factors.last)
+        params = self._write_params()
+        compiled = _compiled_chunk(c) if c.compile else None
         outs: list[Tensor] = []
         surprise: list[Tensor] = []
         packs: list[Tensor] = []
@@ -672,25 +694,17 @@ class SelfRefTitans(nn.Module):
             complete = n == chunk
             if first == n and not complete:
                 break
-            inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]),
-                             qs.unsqueeze(-3)], dim=-3)
-            other_out, memory_out = mlp_forward(weights, inp, spec).split_with_sizes([n_other, 1], dim=-3)
-            tw = self.token_writes(other_out, xs)
-            k, v, eta, log_alpha = tw.k, tw.v, tw.eta, tw.log_alpha
-            outs.append(memory_out[..., 0, first:, :])
-            packs.append(torch.cat([k, v, eta.unsqueeze(-1), log_alpha.unsqueeze(-1)], dim=-1)[..., first:, :])
-            if not complete:
-                continue
-            grads, reads = _target_grads(weights, v, k, spec)
-            with torch.no_grad():  # a metric of M_memory's inner loop: no graph
-                surprise.append(RankOneGrads(tuple(t[..., n_other, :, :] for t in grads.deltas),
-                                             tuple(t[..., min(n_other, t.shape[-3] - 1), :, :]
-                                                   for t in grads.inputs)).sq_norm())
-            new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None
-                                               else MemoryWeights(momentum)),
-                                    grads, reads, eta.unsqueeze(-2), log_alpha.unsqueeze(-2), decay, c.dgd)
-            weights = new.weights.layers
-            momentum = None if new.momentum is None else new.momentum.layers
+            if complete and compiled is not None:  # contiguous: strides that do not depend on T
+                o, pack, sq, new_weights, new_momentum = compiled(weights, momentum, decay, xs.contiguous(),
+                                                                  qs.contiguous(), *params)
+            else:
+                o, pack, sq, new_weights, new_momentum = _aligned_chunk(c, complete, weights, momentum, decay, xs,
+                                                                        qs, *params)
+            outs.append(o[..., first:, :])
+            packs.append(pack[..., first:, :])
+            if sq is not None and new_weights is not None:
+                surprise.append(sq)
+                weights, momentum = new_weights, new_momentum
 
         def unstack(layers: tuple[Tensor, ...] | None) -> tuple[MemoryWeights | None, MemoryWeights | None]:
             if layers is None:
@@ -715,6 +729,46 @@ class SelfRefTitans(nn.Module):
             stream.slice(stream.length - stream.length % chunk, stream.length), cache,
             self_ref_stats(writes, surprise, memory_s))
         return self.readout(o), new_state
+
+
+ChunkOut = tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]
+
+
+def _aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor, ...],
+                   momentum: tuple[Tensor, ...] | None, decay: tuple[Tensor, Tensor, Tensor] | None, xs: Tensor,
+                   qs: Tensor, readout_weight: Tensor, readout_bias: Tensor, to_k: Tensor | None,
+                   to_v: Tensor | None) -> ChunkOut:
+    """One chunk of ``SelfRefTitans._forward_aligned``: the stacked memories' chunk-start weights
+    (and momenta) and the chunk's per-head inputs xs and queries qs ``(B, H, n, d)`` -> M_memory's
+    outputs ``(B, H, n, d)``, the packed writes [k, v, η, log α] ``(B, H, n, 2d + 2)`` and, for a
+    ``complete`` chunk, M_memory's per-token squared inner-gradient norms and the end state.
+    ``decay``: the rows, E_n and last factors of ``_MomentumDecay``. A function of tensors only
+    (no module), so ``_compiled_chunk`` compiles it once per config."""
+    spec, n_other = c.spec(), len(c.generated)
+    n = xs.shape[-2]
+    inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]), qs.unsqueeze(-3)], dim=-3)
+    other_out, memory_out = mlp_forward(weights, inp, spec).split_with_sizes([n_other, 1], dim=-3)
+    tw = token_writes(c, other_out, xs, readout_weight, readout_bias, to_k, to_v)
+    pack = torch.cat([tw.k, tw.v, tw.eta.unsqueeze(-1), tw.log_alpha.unsqueeze(-1)], dim=-1)
+    if not complete:
+        return memory_out[..., 0, :, :], pack, None, None, None
+    grads, reads = _target_grads(weights, tw.v, tw.k, spec)
+    with torch.no_grad():  # a metric of M_memory's inner loop: no graph
+        sq = RankOneGrads(tuple(t[..., n_other, :, :] for t in grads.deltas),
+                          tuple(t[..., min(n_other, t.shape[-3] - 1), :, :] for t in grads.inputs)).sq_norm()
+    new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
+                            grads, reads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
+                            None if decay is None else _MomentumDecay(*decay), c.dgd)
+    return (memory_out[..., 0, :, :], pack, sq, new.weights.layers,
+            None if new.momentum is None else new.momentum.layers)
+
+
+@functools.cache
+def _compiled_chunk(c: SelfRefTitansConfig) -> Callable[..., ChunkOut]:
+    """``_aligned_chunk`` of a full chunk under ``torch.compile``, one per config (``compile``).
+    It compiles a few variants: the first chunk of a call from ``initial_state`` (zero momenta
+    without a graph), later chunks, and no-grad (evaluation) calls."""
+    return torch.compile(functools.partial(_aligned_chunk, c, True), dynamic=False)
 
 
 def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: MemoryMLPSpec,
