@@ -249,14 +249,16 @@ def test_dgd_single_step_is_the_literal_equation() -> None:
 
 def literal_chunk_update(w0: MemoryWeights, s0: MemoryWeights | None, grads: RankOneGrads, eta: Tensor,
                          alpha: Tensor, beta: Tensor, dgd: bool) -> list[Tensor]:
-    """The token-by-token recurrence with the chunk-start gradients, plain autograd ops:
-    S ← β S - η δ ⊗ z, W ← W (α I - η z zᵀ) + S (DGD) or α W + S; returns [W_n, (S_n,)] per layer."""
+    """The token-by-token recurrence with the chunk-start gradients, plain autograd ops, with
+    the layer's step η' = η / max(1, ||z||²): S ← β S - η' δ ⊗ z, W ← W (α I - η' z zᵀ) + S (DGD)
+    or α W + S; returns [W_n, (S_n,)] per layer."""
     out = []
     for layer, (w, z_all, d_all) in enumerate(zip(w0.layers, grads.inputs, grads.deltas, strict=True)):
         s = s0.layers[layer] if s0 is not None else torch.zeros_like(w)
         for t in range(eta.shape[-1]):
             z, d = z_all[:, t, :, None], d_all[:, t, :, None]
-            e, a = eta[:, t, None, None], alpha[:, t, None, None]
+            a = alpha[:, t, None, None]
+            e = eta[:, t, None, None] / z.square().sum((-2, -1), keepdim=True).clamp(min=1)  # the layer's step
             s = (beta[:, None, None] * s if s0 is not None else 0) - e * d @ z.transpose(-1, -2)
             eye = torch.eye(w.shape[-1], dtype=w.dtype)
             w = w @ (a * eye - e * z @ z.transpose(-1, -2)) + s if dgd else a * w + s
@@ -413,3 +415,27 @@ def test_compiled_chunk_step_equals_eager() -> None:
     rest, end = compiled(x[:, 6:], mid)
     torch.testing.assert_close(torch.cat([first, rest], 1), y, rtol=1e-9, atol=1e-10)
     assert_states_close(end, state)
+
+
+def test_deep_layer_steps_are_bounded_by_their_input_energy() -> None:
+    """A deeper layer's input σ(W k) is not unit-norm: its step is η / max(1, ||z||²) in the fast
+    path as in the reference (large initial memories put ||z||² well above 1 here), and with
+    η near 1 the memories then stay bounded over many chunks instead of diverging."""
+    from nestlearn.memory.self_ref import layer_step
+
+    layer = make_layer(other_chunk_size=4, memory_chunk_size=4, init_scale=4.0, eta_max=1.0)
+    k = torch.nn.functional.normalize(torch.randn(2, 2, 16, 4, dtype=F64), dim=-1)
+    z2 = torch.nn.functional.silu(k @ layer.memory_init[0].transpose(-1, -2))
+    assert z2.square().sum(-1).max() > 2  # the bound is active
+    eta = torch.full(z2.shape[:-1], 0.5, dtype=F64)
+    torch.testing.assert_close(layer_step(eta, k), eta)  # unit-norm k: η itself
+    assert (layer_step(eta, z2) < eta).any()
+    x = inputs(10).requires_grad_()
+    torch.testing.assert_close(layer(x)[0], reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+
+    wild = make_layer(other_chunk_size=8, memory_chunk_size=8, init_scale=4.0, eta_max=1.0)
+    with torch.no_grad():
+        wild.readout_bias[0].fill_(4.0)  # η ≈ η_max
+        y, state = wild(3 * inputs(256, seed=5))
+    assert torch.isfinite(y).all()
+    assert max(w.abs().max() for w in state.memory.weights.layers) < 1e3

@@ -15,7 +15,11 @@ with q and k L2-normalised and a causal depthwise convolution (window 4) on the 
 
 * **Deep memories, layer by layer (DGD, Eq. 56-57).** Every linear layer W^(l) of a memory is
   a DGD learner of its own input z^(l) (z^(1) = k_t, z^(2) = σ(W^(1) k_t)): its gradient is
-  δ^(l) ⊗ z^(l) (``mlp.l2_loss_grads``) and its decay is (α_t I - η_t z^(l) z^(l)ᵀ).
+  δ^(l) ⊗ z^(l) (``mlp.l2_loss_grads``) and its decay is (α_t I - η^(l)_t z^(l) z^(l)ᵀ), with
+  the layer's step η^(l)_t = η_t / max(1, ||z^(l)_t||²) (``layer_step``, as in normalised LMS):
+  η_t itself on the unit-norm k of the first layer, bounded on a deeper layer's unnormalised
+  input, where α - η||z||² < -1 otherwise made the memories diverge in context. Below, η_t
+  stands for each layer's η^(l)_t.
 * **Momentum** (on by default, ``momentum=False`` is the paper's ablation): a learned per
   memory and head β ∈ (0, 1) with S_t = β S_{t-1} - η_t δ_t ⊗ z_t and
   W_t = W_{t-1}(α_t I - η_t z_t z_tᵀ) + S_t; with β = 0 this is exactly the equation above.
@@ -238,18 +242,30 @@ def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_al
     return _dgd_chunk_update(state, grads, None, eta, log_alpha, momentum, dgd)
 
 
+def layer_step(eta: Tensor, z: Tensor) -> Tensor:
+    """The step of a layer with inputs z ``(..., n, in)``: η_t / max(1, ||z_t||²) ``(..., n)``.
+
+    Normalised by the input energy as in normalised LMS: the DGD factor (α I - η z zᵀ) has the
+    eigenvalue α - η||z||² along z, which leaves (-1, 1) once η||z||² > 1 + α. A first layer
+    reads the unit-norm k (``qk_norm``) and keeps η_t exactly; a deeper layer's input
+    σ(W k) is not normalised and, without this, its memory diverged in context (HOPE at outer
+    lr 3e-3: ||z||² up to ~3,000 at η = 0.1). With the bound, |α - η'||z||²| < 1 for η <= 1."""
+    return eta / z.square().sum(-1).clamp(min=1.0)
+
+
 def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
                       eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> GroupState:
     """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
     reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     if state.momentum is not None and momentum is None:
         raise ValueError("a group with momentum needs its momentum decay")
-    co = _DgdCoefficients.build(eta, log_alpha, momentum if state.momentum is not None else None, dgd)
+    decays = _ChunkDecays.build(log_alpha, momentum if state.momentum is not None else None)
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
+        co = decays.coefficients(layer_step(eta, z), dgd)
         w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co)
         ws.append(w)
         if s is not None:
@@ -277,12 +293,53 @@ class _MomentumDecay:
 
 
 @dataclass(frozen=True)
+class _ChunkDecays:
+    """The factors of a chunk that do not depend on η: with γ_t and the extended momentum sums
+    c_{t,j}, b_t of ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0
+    = 0), one (n+1)×(n+1) product gives every c and b at once (parts taken with ``split``: the
+    backward of a slice would zero-fill the whole matrix per slice). Built once per chunk and
+    scaled by each layer's own step (``coefficients``)."""
+
+    gamma_n: Tensor  # γ_n, (..., 1, 1)
+    gamma_prev: Tensor  # γ_{t-1}, (..., n, 1)
+    decay_prev: Tensor  # γ_{t-1}/γ_s, (..., n, n)
+    decay_last: Tensor  # γ_n/γ_s, (..., 1, n)
+    c_prev: Tensor  # c_{t-1,j}, (..., n, n)
+    c_last: Tensor  # c_{n,j}, (..., 1, n)
+    b_prev: Tensor | None  # b_{t-1}, (..., n, 1)
+    b_n: Tensor | None  # b_n, (..., 1, 1)
+    momentum: _MomentumDecay | None
+
+    @staticmethod
+    def build(log_alpha: Tensor, momentum: _MomentumDecay | None) -> _ChunkDecays:
+        n = log_alpha.shape[-1]
+        # [t, 0] = γ_t, [t, s] = γ_t / γ_s for t = 0..n (0 = chunk start)
+        gamma, decay = segment_sums(log_alpha).exp().split_with_sizes([1, n], dim=-1)
+        gamma_prev, gamma_n = gamma.split_with_sizes([n, 1], dim=-2)
+        decay_prev, decay_last = decay.split_with_sizes([n, 1], dim=-2)
+        if momentum is None:  # c_{t,j} = γ_t / γ_j without momentum
+            return _ChunkDecays(gamma_n, gamma_prev, decay_prev, decay_last, decay_prev, decay_last, None, None, None)
+        b, c = (decay @ momentum.rows).split_with_sizes([1, n], dim=-1)  # b_t, c_{t,j}
+        b_prev, b_n = b.split_with_sizes([n, 1], dim=-2)
+        c_prev, c_last = c.split_with_sizes([n, 1], dim=-2)
+        return _ChunkDecays(gamma_n, gamma_prev, decay_prev, decay_last, c_prev, c_last, b_prev, b_n, momentum)
+
+    def coefficients(self, eta: Tensor, dgd: bool) -> _DgdCoefficients:
+        """The factors of one layer whose tokens take the steps η ``(..., n)``."""
+        eta_cols = eta.unsqueeze(-2)
+        m = self.momentum
+        return _DgdCoefficients(
+            gamma_n=self.gamma_n, last_w=(self.c_last * eta_cols).transpose(-1, -2),
+            c_prev_eta=-(self.c_prev * eta_cols), gamma_prev=self.gamma_prev,
+            decay_eta=self.decay_prev * eta_cols, decay_last_eta=(self.decay_last * eta_cols).transpose(-1, -2),
+            b_prev=self.b_prev, b_n=self.b_n, e_n=None if m is None else m.e_n,
+            step_w=None if m is None else (m.last * eta).unsqueeze(-1), dgd=dgd)
+
+
+@dataclass(frozen=True)
 class _DgdCoefficients:
-    """Layer-independent factors of ``dgd_chunk_update``, each broadcast against a layer's
-    ``(..., n, ·)`` tensors. With γ_t and the extended momentum sums c_{t,j}, b_t of
-    ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0 = 0), one
-    (n+1)×(n+1) product gives every c and b at once, and the DGD terms are parts of it (taken
-    with ``split``: the backward of a slice would zero-fill the whole matrix per slice)."""
+    """The factors of ``_dgd_layer`` for one layer (``_ChunkDecays.coefficients``), each
+    broadcast against the layer's ``(..., n, ·)`` tensors."""
 
     gamma_n: Tensor  # γ_n, (..., 1, 1)
     last_w: Tensor  # c_{n,j} η_j, (..., n, 1)
@@ -295,28 +352,6 @@ class _DgdCoefficients:
     e_n: Tensor | None  # E_n, (..., 1, 1)
     step_w: Tensor | None  # (E_n / E_j) η_j, (..., n, 1)
     dgd: bool
-
-    @staticmethod
-    def build(eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> _DgdCoefficients:
-        n = eta.shape[-1]
-        # [t, 0] = γ_t, [t, s] = γ_t / γ_s for t = 0..n (0 = chunk start)
-        gamma, decay = segment_sums(log_alpha).exp().split_with_sizes([1, n], dim=-1)
-        gamma_prev, gamma_n = gamma.split_with_sizes([n, 1], dim=-2)
-        decay_prev, decay_last = decay.split_with_sizes([n, 1], dim=-2)
-        eta_cols = eta.unsqueeze(-2)
-        b_prev = b_n = e_n = step_w = None
-        if momentum is None:
-            c_prev, c_last = decay_prev, decay_last  # c_{t,j} = γ_t / γ_j without momentum
-        else:
-            b, c = (decay @ momentum.rows).split_with_sizes([1, n], dim=-1)  # b_t, c_{t,j}
-            b_prev, b_n = b.split_with_sizes([n, 1], dim=-2)
-            c_prev, c_last = c.split_with_sizes([n, 1], dim=-2)
-            e_n, step_w = momentum.e_n, (momentum.last * eta).unsqueeze(-1)
-        return _DgdCoefficients(
-            gamma_n=gamma_n, last_w=(c_last * eta_cols).transpose(-1, -2), c_prev_eta=-(c_prev * eta_cols),
-            gamma_prev=gamma_prev, decay_eta=decay_prev * eta_cols,
-            decay_last_eta=(decay_last * eta_cols).transpose(-1, -2),
-            b_prev=b_prev, b_n=b_n, e_n=e_n, step_w=step_w, dgd=dgd)
 
 
 def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,

@@ -6,8 +6,9 @@ when a chunk begins; k_t, v_t, η_t, α_t and o_t are read from the anchors; eve
 its target v̂ = M_anchor(v_t), takes ∇ℓ(M_anchor; k_t, v̂) by autograd (v̂ held fixed) and, layer
 by layer with its input z at the anchor, applies literally
 
-    S ← β S - η_t ∇ℓ                                         (S ≡ 0, β = 0 without momentum)
-    W ← W (α_t I - η_t z zᵀ) + S      (DGD)     or     W ← α_t W + S      (``dgd=False``).
+    η = η_t / max(1, ||z||²)                                  (the layer's step)
+    S ← β S - η ∇ℓ                                           (S ≡ 0, β = 0 without momentum)
+    W ← W (α_t I - η z zᵀ) + S        (DGD)     or     W ← α_t W + S      (``dgd=False``).
 
 The fast path (``self_ref.SelfRefTitans.forward``) is tested against this.
 """
@@ -43,13 +44,14 @@ def dgd_token_step(weights: MemoryWeights, momentum: MemoryWeights | None, ancho
     new_w, new_s = [], []
     for layer, (w, g, z) in enumerate(zip(weights.layers, grads.layers,
                                           layer_inputs(anchor, k, spec), strict=True)):
-        step = -eta_ * g
+        eta_l = eta_ / z.square().sum((-2, -1), keepdim=True).clamp(min=1.0)  # z: (..., 1, in)
+        step = -eta_l * g
         if momentum is not None and beta is not None:
             step = beta[..., None, None] * momentum.layers[layer] + step
             new_s.append(step)
         if dgd:
             eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-            new_w.append(w @ (alpha_ * eye - eta_ * z.transpose(-1, -2) @ z) + step)
+            new_w.append(w @ (alpha_ * eye - eta_l * z.transpose(-1, -2) @ z) + step)
         else:
             new_w.append(alpha_ * w + step)
     return MemoryWeights(tuple(new_w)), None if momentum is None else MemoryWeights(tuple(new_s))
