@@ -443,3 +443,22 @@ def test_deep_layer_steps_are_bounded_by_their_input_energy() -> None:
     new = dgd_chunk_update(GroupState(MemoryWeights((w0,)), None), grads, torch.full((1, 16), 0.5, dtype=F64),
                            torch.full((1, 16), 0.99, dtype=F64).log(), None, dgd=True)
     assert torch.linalg.matrix_norm(new.weights.layers[0], ord=2) <= torch.linalg.matrix_norm(w0, ord=2)
+
+
+def test_a_failed_compile_is_one_line_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from nestlearn.memory import self_ref
+
+    def broken(*_args: object) -> None:
+        raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
+
+    monkeypatch.setattr(self_ref, "_compiled_chunk", lambda _config: broken)
+    layer = make_layer(other_chunk_size=4, memory_chunk_size=4)
+    compiled = SelfRefTitans(dataclasses.replace(layer.config, compile=True)).to(F64)
+    with pytest.raises(RuntimeError, match=r"^model\.self_ref\.compile=true: torch\.compile failed "
+                                           r"\(OSError: cc1plus: not found\); set model\.self_ref\.compile=false") as err:
+        compiled(inputs(8))
+    assert "\n" not in str(err.value)
