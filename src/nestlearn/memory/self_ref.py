@@ -113,9 +113,9 @@ class SelfRefTitansConfig:
     own setting) through ``torch.compile``, which fuses the many elementwise passes over the
     ``(B, H, 5, C, C)`` and ``(B, H, 5, d, d)`` tensors of forward and backward (1.7× at 2
     threads, 2× at 1 on a 2-core CPU). Layers of one config share one compiled step; the first
-    call compiles it
-    (seconds to a minute, cached on disk by inductor). Its backward cannot itself be
-    differentiated (``create_graph``): leave it off for meta-objectives through the model.
+    call compiles it (seconds to a minute, cached on disk by inductor). Its backward cannot
+    itself be differentiated (``create_graph``): leave it off for meta-objectives through the
+    model.
     """
 
     d_model: int
