@@ -5,10 +5,13 @@ recall key/value pairs in context."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor
 
+from nestlearn.memory import self_ref
 from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, l2_loss_grads
 from nestlearn.memory.self_ref import (
     GroupState,
@@ -17,6 +20,7 @@ from nestlearn.memory.self_ref import (
     SelfRefTitansConfig,
     _DgdLayer,
     dgd_chunk_update,
+    layer_step,
 )
 from nestlearn.memory.self_ref_reference import reference_self_ref
 from nestlearn.memory.state import MemoryWeights
@@ -389,25 +393,27 @@ def test_learns_in_context_recall() -> None:
     assert frozen_acc < 1.6 / pairs, float(frozen_acc)
 
 
+def compiled_twin(layer: SelfRefTitans) -> SelfRefTitans:
+    """The same layer (config and weights) with ``compile=True``."""
+    twin = SelfRefTitans(dataclasses.replace(layer.config, compile=True)).to(F64)
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
 def test_compiled_chunk_step_equals_eager() -> None:
     """``compile=True`` (torch.compile of each full aligned chunk) gives the eager path's
     outputs, states and outer gradients, in one call (with a tail) and split across calls.
     float64 on tiny shapes; inductor reassociates sums, hence 1e-9 and not bit equality."""
-    import dataclasses
-
-    from nestlearn.memory import self_ref
-
     eager = make_layer(other_chunk_size=4, memory_chunk_size=4)
-    compiled = SelfRefTitans(dataclasses.replace(eager.config, compile=True)).to(F64)
-    compiled.load_state_dict(eager.state_dict())
+    compiled = compiled_twin(eager)
     x = inputs(14).requires_grad_()
     y, state = eager(x)
+    self_ref._compiled_chunk.cache_clear()
     y_c, state_c = compiled(x)
-    assert self_ref._compiled_chunk.cache_info().currsize >= 1  # the compiled step did run
+    assert self_ref._compiled_chunk.cache_info().currsize == 1  # the compiled step did run
     torch.testing.assert_close(y_c, y, rtol=1e-9, atol=1e-10)
     assert_states_close(state_c, state)
-    params = [p for p in eager.parameters()]
-    grads = torch.autograd.grad(y.square().sum(), [x, *params])
+    grads = torch.autograd.grad(y.square().sum(), [x, *eager.parameters()])
     grads_c = torch.autograd.grad(y_c.square().sum(), [x, *compiled.parameters()])
     for g, g_c in zip(grads, grads_c, strict=True):
         torch.testing.assert_close(g_c, g, rtol=1e-9, atol=1e-10)
@@ -421,8 +427,6 @@ def test_deep_layer_steps_are_bounded_by_their_input_energy() -> None:
     """A deeper layer's input σ(W k) is not unit-norm: its step is η / max(1, ||z||²) in the fast
     path as in the reference (large initial memories put ||z||² well above 1 here), which makes
     every DGD decay a contraction, however large the input."""
-    from nestlearn.memory.self_ref import layer_step
-
     layer = make_layer(other_chunk_size=4, memory_chunk_size=4, init_scale=4.0, eta_max=1.0)
     k = torch.nn.functional.normalize(torch.randn(2, 2, 16, 4, dtype=F64), dim=-1)
     z2 = torch.nn.functional.silu(k @ layer.memory_init[0].transpose(-1, -2))
@@ -446,18 +450,13 @@ def test_deep_layer_steps_are_bounded_by_their_input_energy() -> None:
 
 
 def test_a_failed_compile_is_one_line_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses
-
     from torch._dynamo.exc import BackendCompilerFailed
-
-    from nestlearn.memory import self_ref
 
     def broken(*_args: object) -> None:
         raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
 
     monkeypatch.setattr(self_ref, "_compiled_chunk", lambda _config: broken)
-    layer = make_layer(other_chunk_size=4, memory_chunk_size=4)
-    compiled = SelfRefTitans(dataclasses.replace(layer.config, compile=True)).to(F64)
+    compiled = compiled_twin(make_layer(other_chunk_size=4, memory_chunk_size=4))
     with pytest.raises(RuntimeError, match=r"^model\.self_ref\.compile=true: torch\.compile failed "
                                            r"\(OSError: cc1plus: not found\); set model\.self_ref\.compile=false") as err:
         compiled(inputs(8))
