@@ -5,8 +5,9 @@ causal softmax attention (SDPA) of the same width, and memory of token-by-token 
     python benchmarks/memory_throughput.py --quick    # shorter reference run and decode lengths
 
 Training rows time forward + backward (mean of squares as the loss) on random inputs, best of
-``--repeats`` after one warm-up. The reference path is timed on ``--ref-len`` tokens (it is
-linear in length). Decoding feeds one token at a time with the state, under ``no_grad``, and
+``--repeats`` (``--ref-repeats`` for the reference) after one warm-up: the best run is the
+one least disturbed by the machine, for both paths alike. The reference path is timed on
+``--ref-len`` tokens (it is linear in length). Decoding feeds one token at a time with the state, under ``no_grad``, and
 samples the process RSS every 64 tokens: a flat peak over lengths means O(1) state.
 """
 
@@ -38,11 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ref-len", type=int, help="tokens for the reference path (default: --seq-len)")
     p.add_argument("--decode-lens", default="1024,4096,16384")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each fast row (best counts)")
+    p.add_argument("--ref-repeats", type=int, default=3, help="timed runs of the reference row")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="--ref-len 256, --decode-lens 256,1024,4096")
     p.add_argument("--out", default="benchmarks/results/memory_throughput.json")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.ref_repeats < 1:
+        p.error(f"--repeats and --ref-repeats must be >= 1, got {args.repeats} and {args.ref_repeats}")
     if args.quick:
         args.ref_len = args.ref_len or 256
         args.decode_lens = "256,1024,4096"
@@ -67,14 +71,22 @@ class CausalAttention(nn.Module):
         return out
 
 
-def time_train(fn: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
-    """Best wall time of forward + backward over ``repeats`` runs after one warm-up."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        torch.autograd.backward(fn(x).square().mean())
-        if i:
-            best = min(best, time.perf_counter() - start)
+Case = tuple[Callable[[Tensor], Tensor], Tensor, int]
+
+
+def time_train(cases: list[Case]) -> list[float]:
+    """Best wall time of forward + backward of each case ``(fn, x, repeats)`` after one
+    warm-up run. The cases take turns, one run each per round, so that a slow spell of the
+    machine falls on all of them rather than on one."""
+    best = [float("inf")] * len(cases)
+    for i in range(max(reps for _, _, reps in cases) + 1):
+        for c, (fn, x, reps) in enumerate(cases):
+            if i > reps:
+                continue
+            start = time.perf_counter()
+            torch.autograd.backward(fn(x).square().mean())
+            if i:
+                best[c] = min(best[c], time.perf_counter() - start)
     return best
 
 
@@ -112,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, args.seq_len, args.dim)
     x_ref = x[:, :args.ref_len]
 
+    cases: dict[str, Case] = {
+        "memory_chunked": (lambda z: memory(z)[0], x, args.repeats),
+        "memory_reference": (memory.forward_reference, x_ref, args.ref_repeats),
+        "attention_sdpa": (attention, x, args.repeats),
+    }
     rows: list[dict[str, Any]] = []
-    cases: list[tuple[str, Callable[[Tensor], Tensor], Tensor, int]] = [
-        ("memory_chunked", lambda z: memory(z)[0], x, args.repeats),
-        ("memory_reference", memory.forward_reference, x_ref, 1),
-        ("attention_sdpa", attention, x, args.repeats),
-    ]
-    for name, fn, inp, reps in cases:
-        seconds = time_train(fn, inp, reps)
+    for (name, (_, inp, _)), seconds in zip(cases.items(), time_train(list(cases.values())), strict=True):
         rows.append({"path": name, "tokens": inp.shape[0] * inp.shape[1], "seconds": seconds,
                      "tokens_per_s": inp.shape[0] * inp.shape[1] / seconds})
         print(f"  {name:18s} {rows[-1]['tokens_per_s']:10.0f} tok/s", file=sys.stderr)

@@ -45,12 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ref-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each fast row (best counts)")
+    p.add_argument("--ref-repeats", type=int, default=2, help="timed runs of the reference row")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled row (compile=True)")
     p.add_argument("--out", default="benchmarks/results/self_ref_throughput.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.ref_repeats < 1:
+        p.error(f"--repeats and --ref-repeats must be >= 1, got {args.repeats} and {args.ref_repeats}")
+    return args
 
 
 def run_layer(layer: SelfRefTitans) -> Callable[[Tensor], Tensor]:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases: list[tuple[str, Callable[[Tensor], Tensor], Tensor, int]] = [
         ("fast", run_layer(layer), x, args.repeats),
-        ("reference", lambda z: reference_self_ref(layer, z), x_ref, 1),
+        ("reference", lambda z: reference_self_ref(layer, z), x_ref, args.ref_repeats),
     ]
     if not args.no_compile:  # the same weights, each full chunk through torch.compile
         compiled = SelfRefTitans(replace(base, compile=True))
@@ -84,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                                     ("fast_no_momentum_no_dgd", False, False)):
             ablated = SelfRefTitans(replace(base, momentum=momentum, dgd=dgd))
             cases.append((name, run_layer(ablated), x, args.repeats))
-    rows: list[dict[str, Any]] = []
-    for name, fn, inp, reps in cases:
+    first_calls: list[float] = []
+    for name, fn, inp, _ in cases:
         start = time.perf_counter()  # the first call compiles the compiled row's chunk step
         if not torch.isfinite(fn(inp)).all():  # with grad: the reference differentiates inside
             raise SystemExit(f"{name}: the layer's output is not finite on these inputs")
-        first_call = time.perf_counter() - start
-        seconds = time_train(fn, inp, reps)
+        first_calls.append(time.perf_counter() - start)
+    rows: list[dict[str, Any]] = []
+    best = time_train([(fn, inp, reps) for _, fn, inp, reps in cases])
+    for (name, _, inp, _), seconds, first_call in zip(cases, best, first_calls, strict=True):
         rows.append({"path": name, "tokens": inp.shape[0] * inp.shape[1], "seconds": seconds,
                      "tokens_per_s": inp.shape[0] * inp.shape[1] / seconds, "first_call_s": first_call})
         print(f"  {name:24s} {rows[-1]['tokens_per_s']:10.0f} tok/s", file=sys.stderr)

@@ -4,7 +4,13 @@ MFU = tokens/s x model FLOPs per token / the machine's measured peak matmul FLOP
 is measured here (best of several large square `torch.mm`), not taken from a data sheet, so
 the figure says how well the model uses what this machine can actually do.
 
+All configs are built first and then stepped in rounds, one step of each per round in a rotated
+order; "vs first" is the median over rounds of a config's tokens/s over the first config's in
+the same round (with its interquartile range), the figure to quote on a noisy machine.
+
     python benchmarks/train_throughput.py --configs transformer/pilot_smoke,transformer/pilot
+    python benchmarks/train_throughput.py --batch-size 1 --seq-len 8192 \
+        --configs transformer/pilot,hope/pilot:train.activation_checkpointing=true
     python benchmarks/train_throughput.py --configs default \
         --overrides model.d_model=128 model.n_layers=4 --seq-len 256 --batch-size 8
 """
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.config import ConfigError, RunConfig, load_config
-from nestlearn.models import build
+from nestlearn.models import LanguageModel, build
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
@@ -37,13 +43,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="transformer/pilot_smoke,transformer/pilot",
-                   help="comma-separated config names; 'default' is the built-in defaults")
+                   help="comma-separated config names, each optionally with its own overrides as "
+                        "name:key=value[:key=value]; 'default' is the built-in defaults")
     p.add_argument("--overrides", "--model-overrides", nargs="*", default=[],
                    help="a.b.c=value overrides applied to every config")
     p.add_argument("--seq-len", type=int, help="default: the config's train.seq_len")
     p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of every config each)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n peak matmul")
@@ -85,9 +92,42 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats:
     return 2 * n**3 / best_time(lambda: torch.mm(a, b), device, repeats)
 
 
-def bench_config(name: str, cfg: RunConfig, args: argparse.Namespace, device: torch.device,
-                 peak: float) -> dict[str, Any]:
-    """Time forward + backward + AdamW steps on random tokens; report throughput and MFU."""
+@dataclasses.dataclass
+class Trial:
+    """One config under test: its model, AdamW, random token batches and timed steps."""
+
+    name: str
+    cfg: RunConfig
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    batches: list[torch.Tensor]
+    peak: float
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.batches[0].shape[0] * (self.batches[0].shape[1] - 1)
+
+    def step(self, i: int, device: torch.device) -> float:
+        """One training step (forward + backward + AdamW) on batch ``i``; its wall time."""
+        ids = self.batches[i % len(self.batches)]
+        vocab = self.model.config.vocab_size
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                    if self.cfg.train.precision == "bf16" else contextlib.nullcontext())
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            logits, _ = self.model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        self.optimizer.step()
+        synchronize(device)
+        return time.perf_counter() - start
+
+
+def make_trial(name: str, cfg: RunConfig, args: argparse.Namespace, device: torch.device,
+               peak: float) -> Trial:
     seq_len = args.seq_len or cfg.train.seq_len
     batch = args.batch_size or cfg.train.batch_size
     vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
@@ -99,56 +139,64 @@ def bench_config(name: str, cfg: RunConfig, args: argparse.Namespace, device: to
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]),
                                   eps=opt.eps, weight_decay=opt.weight_decay)
     batches = [torch.randint(0, vocab, (batch, seq_len + 1), device=device) for _ in range(4)]
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if cfg.train.precision == "bf16" else contextlib.nullcontext())
+    return Trial(name, cfg, model, optimizer, batches, peak)
 
-    times: list[float] = []
-    for step in range(args.warmup + args.steps):
-        ids = batches[step % len(batches)]
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            logits, _ = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        optimizer.step()
-        synchronize(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
 
-    step_s = statistics.median(times)
-    tokens_per_s = batch * seq_len / step_s
-    flops_per_token = model.flops_per_token(seq_len)
-    achieved = tokens_per_s * flops_per_token
+def run_rounds(trials: list[Trial], args: argparse.Namespace, device: torch.device) -> None:
+    """``--warmup`` + ``--steps`` rounds; each steps every trial once, in an order rotated per
+    round, so that a slow spell of the machine falls on all configs alike."""
+    for r in range(args.warmup + args.steps):
+        for trial in trials[r % len(trials):] + trials[:r % len(trials)]:
+            seconds = trial.step(r, device)
+            if r >= args.warmup:
+                trial.times.append(seconds)
+        if r >= args.warmup:
+            print(f"step {r - args.warmup + 1}/{args.steps}: "
+                  + ", ".join(f"{t.name} {t.times[-1] * 1e3:.0f} ms" for t in trials), file=sys.stderr)
+
+
+def summarise(trial: Trial, base: Trial) -> dict[str, Any]:
+    """A row of the table: throughput, MFU and the tokens/s ratio to ``base`` (the first
+    config), the median over rounds of the ratio within each round."""
+    step_s = statistics.median(trial.times)
+    tokens_per_s = trial.tokens / step_s
+    flops_per_token = trial.model.flops_per_token(trial.batches[0].shape[1] - 1)
+    ratios = [(trial.tokens / t) / (base.tokens / b) for t, b in zip(trial.times, base.times, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    cfg = trial.cfg
     return {
-        "config": name, "model_type": cfg.model.type, "precision": cfg.train.precision,
-        "params": model.num_params(), "non_embedding_params": model.num_params(True),
-        "vocab_size": vocab, "batch_size": batch, "seq_len": seq_len,
-        "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times),
+        "config": trial.name, "model_type": cfg.model.type, "precision": cfg.train.precision,
+        "params": trial.model.num_params(), "non_embedding_params": trial.model.num_params(True),
+        "vocab_size": trial.model.config.vocab_size, "batch_size": trial.batches[0].shape[0],
+        "seq_len": trial.batches[0].shape[1] - 1,
+        "step_s_median": step_s, "step_s_min": min(trial.times), "step_s_max": max(trial.times),
         "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
-        "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak,
-        "final_loss": float(loss.item()),
+        "achieved_flops": tokens_per_s * flops_per_token, "peak_flops": trial.peak,
+        "mfu": tokens_per_s * flops_per_token / trial.peak,
+        "ratio_vs_first": statistics.median(ratios), "ratio_q25": quartiles[0], "ratio_q75": quartiles[2],
         "activation_checkpointing": cfg.train.activation_checkpointing,
-        # the process's resident high-water mark so far (covers this and earlier configs)
+        # the process's resident high-water mark (all configs live at once)
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = (f"{'config':<28} {'params':>9} {'B':>4} {'T':>5} {'step ms':>9} {'tok/s':>10} "
-              f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'MFU':>7} {'max RSS':>9}")
+    header = (f"{'config':<44} {'params':>9} {'B':>4} {'T':>5} {'step ms':>9} {'tok/s':>10} "
+              f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'MFU':>7} {'vs first (IQR)':>20}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<28} {r['params'] / 1e6:>8.2f}M {r['batch_size']:>4} {r['seq_len']:>5} "
+        print(f"{r['config']:<44} {r['params'] / 1e6:>8.2f}M {r['batch_size']:>4} {r['seq_len']:>5} "
               f"{r['step_s_median'] * 1e3:>9.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['flops_per_token'] / 1e6:>10.2f} {r['achieved_flops'] / 1e9:>9.2f} "
-              f"{r['mfu'] * 100:>6.1f}% {r['max_rss_mb']:>7.0f}MB")
+              f"{r['mfu'] * 100:>6.1f}% {r['ratio_vs_first']:>7.3f} ({r['ratio_q25']:.3f}-{r['ratio_q75']:.3f})")
 
 
-def load_named(name: str, overrides: list[str]) -> RunConfig | None:
-    """The config `name` with overrides, or None (with a note) if it does not exist yet."""
+def load_named(spec: str, overrides: list[str]) -> RunConfig | None:
+    """The config of ``name[:key=value...]`` with the global then its own overrides, or None
+    (with a note) if it does not exist yet."""
+    name, *own = spec.split(":")
+    overrides = [*overrides, *own]
     try:
         return load_config(None if name == "default" else name, overrides)
     except ConfigError as exc:
@@ -175,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
              for p in sorted({c.train.precision for _, c in found} | {"fp32"})}
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           + ", ".join(f"peak {p} matmul {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()))
-    rows = [bench_config(n, c, args, device, peaks[c.train.precision]) for n, c in found]
+    trials = [make_trial(n, c, args, device, peaks[c.train.precision]) for n, c in found]
+    run_rounds(trials, args, device)
+    rows = [summarise(t, trials[0]) for t in trials]
     print_table(rows)
     atomic_write_json(args.out, {
         "machine": {"device": str(device), "torch": torch.__version__,
