@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--no-flop-count", action="store_true",
+                   help="skip the executed-FLOP count (one more forward + backward per config, run "
+                        "eagerly under a counter: minutes and many GB for HOPE at long sequences)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n peak matmul")
     p.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = p.parse_args(argv)
@@ -213,11 +216,12 @@ def run_rounds(trials: list[Trial], args: argparse.Namespace, device: torch.devi
                   + ", ".join(f"{t.name} {t.times[-1] * 1e3:.0f} ms" for t in trials), file=sys.stderr)
 
 
-def summarise(trial: Trial, base: Trial) -> dict[str, Any]:
-    """A row of the table: throughput, MFU, executed FLOP rate and the tokens/s ratio to
-    ``base`` (the first config), the median over rounds of the ratio within each round."""
+def summarise(trial: Trial, base: Trial, count_flops: bool) -> dict[str, Any]:
+    """A row of the table: throughput, MFU, executed FLOP rate (if ``count_flops``) and the
+    tokens/s ratio to ``base`` (the first config), the median over rounds of the ratio within
+    each round."""
     step_s = statistics.median(trial.times)
-    executed = executed_flops_per_token(trial)
+    executed = executed_flops_per_token(trial) if count_flops else None
     tokens_per_s = trial.tokens / step_s
     flops_per_token = trial.model.flops_per_token(trial.batches[0].shape[1] - 1)
     ratios = [(trial.tokens / t) / (base.tokens / b) for t, b in zip(trial.times, base.times, strict=True)]
@@ -232,8 +236,9 @@ def summarise(trial: Trial, base: Trial) -> dict[str, Any]:
         "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
         "achieved_flops": tokens_per_s * flops_per_token, "peak_flops": trial.peak,
         "mfu": tokens_per_s * flops_per_token / trial.peak,
-        "executed_flops_per_token": executed, "executed_flops": tokens_per_s * executed,
-        "executed_fraction_of_peak": tokens_per_s * executed / trial.peak,
+        "executed_flops_per_token": executed,
+        "executed_flops": None if executed is None else tokens_per_s * executed,
+        "executed_fraction_of_peak": None if executed is None else tokens_per_s * executed / trial.peak,
         "ratio_vs_first": statistics.median(ratios), "ratio_q25": quartiles[0], "ratio_q75": quartiles[2],
         "activation_checkpointing": cfg.train.activation_checkpointing,
         # the process's resident high-water mark (all configs live at once)
@@ -247,10 +252,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        executed = (f"{'-':>15} {'-':>13}" if r["executed_flops"] is None else
+                    f"{r['executed_flops_per_token'] / 1e6:>15.2f} {r['executed_flops'] / 1e9:>13.2f}")
         print(f"{r['config']:<44} {r['params'] / 1e6:>8.2f}M {r['batch_size']:>4} {r['seq_len']:>5} "
               f"{r['step_s_median'] * 1e3:>9.1f} {r['tokens_per_s']:>10.0f} "
-              f"{r['flops_per_token'] / 1e6:>10.2f} {r['mfu'] * 100:>6.1f}% "
-              f"{r['executed_flops_per_token'] / 1e6:>15.2f} {r['executed_flops'] / 1e9:>13.2f} "
+              f"{r['flops_per_token'] / 1e6:>10.2f} {r['mfu'] * 100:>6.1f}% {executed} "
               f"{r['ratio_vs_first']:>7.3f} ({r['ratio_q25']:.3f}-{r['ratio_q75']:.3f})")
 
 
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"peak {p} matmul {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()))
     trials = [make_trial(n, c, args, device, peaks[c.train.precision]) for n, c in found]
     run_rounds(trials, args, device)
-    rows = [summarise(t, trials[0]) for t in trials]
+    rows = [summarise(t, trials[0], not args.no_flop_count) for t in trials]
     print_table(rows)
     atomic_write_json(args.out, {
         "machine": {"device": str(device), "torch": torch.__version__,

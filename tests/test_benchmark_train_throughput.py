@@ -1,0 +1,79 @@
+"""`benchmarks/train_throughput.py`: its FLOP counting and its rounds, on tiny models.
+
+The executed-FLOP count is checked two ways: per op against hand counts, and for a whole
+Transformer++ against ``flops_per_token``, an independent analytic formula of the same work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module's annotations by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def counted(bench: ModuleType, fn: object) -> int:
+    with FlopCounterMode(display=False, custom_mapping=bench.EXTRA_FLOP_FORMULAS) as counter:
+        fn()  # type: ignore[operator]
+    return int(counter.get_total_flops())
+
+
+def test_triangular_solve_counts_its_broadcast_batch(bench: ModuleType) -> None:
+    a = torch.eye(4).expand(2, 1, 4, 4)  # one system shared by 3 right-hand sides each
+    b = torch.randn(2, 3, 4, 5)
+    assert counted(bench, lambda: torch.linalg.solve_triangular(a, b, upper=False)) == 2 * 3 * 4**2 * 5
+
+
+def test_depthwise_convolution_backward_counts_its_groups(bench: ModuleType) -> None:
+    x = torch.randn(2, 6, 10, requires_grad=True)
+    w = torch.randn(6, 1, 3, requires_grad=True)
+    forward = 2 * 2 * 8 * w.numel()  # batch, output positions, weights
+    assert counted(bench, lambda: F.conv1d(x, w, groups=6)) == forward
+    assert counted(bench, lambda: torch.autograd.backward(F.conv1d(x, w, groups=6).sum())) == 3 * forward
+
+
+def test_cpu_attention_counts_the_full_score_matrix(bench: ModuleType) -> None:
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    forward = 2 * 2 * 16 * 16 * (8 + 8)
+    total = counted(bench, lambda: torch.autograd.backward(F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()))
+    assert total == 3 * forward  # forward, then two gradient products per forward product
+
+
+def test_rounds_ratio_and_executed_flops_of_a_tiny_transformer(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "tt.json"
+    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=128"]
+    assert bench.main(["--configs", "default,default:model.n_layers=3", "--overrides", *tiny,
+                       "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+                       "--matmul-size", "64", "--out", str(out)]) == 0
+    first, second = json.loads(out.read_text())["results"]
+    assert (first["config"], second["config"]) == ("default", "default:model.n_layers=3")
+    assert first["ratio_vs_first"] == 1.0 and second["ratio_vs_first"] > 0
+    assert second["params"] > first["params"]
+    for row in (first, second):
+        # the analytic 6N + attention also counts the norm gains as weights: a tiny overcount
+        assert row["executed_flops_per_token"] == pytest.approx(row["flops_per_token"], rel=0.03)
+
+
+def test_an_unknown_config_is_skipped_and_none_left_fails(bench: ModuleType, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--configs", "no/such_config", "--out", str(tmp_path / "x.json")]) == 2
+    assert "skipping no/such_config" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
