@@ -179,7 +179,9 @@ def executed_flops_per_token(trial: Trial) -> float:
     (``FlopCounterMode``). Unlike ``flops_per_token`` (a model estimate), it includes the
     chunk-wise memories' extra products; attention counts its full score matrix, as there."""
     ids = trial.batches[0]
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    # eager: the counter sees each op, where a compiled region would hide the ones it fused
+    with torch.compiler.set_stance("force_eager"), \
+            FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         logits, _ = trial.model(ids[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, trial.model.config.vocab_size), ids[:, 1:].reshape(-1))
         torch.autograd.backward(loss)
