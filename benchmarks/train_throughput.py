@@ -9,7 +9,7 @@ order; "vs first" is the median over rounds of a config's tokens/s over the firs
 the same round (with its interquartile range), the figure to quote on a noisy machine.
 
     python benchmarks/train_throughput.py --configs transformer/pilot_smoke,transformer/pilot
-    python benchmarks/train_throughput.py --batch-size 1 --seq-len 8192 \
+    python benchmarks/train_throughput.py --batch-size 1 --seq-len 8192 --flop-count fake \
         --configs transformer/pilot,hope/pilot:train.activation_checkpointing=true
     python benchmarks/train_throughput.py --configs default \
         --overrides model.d_model=128 model.n_layers=4 --seq-len 256 --batch-size 8
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from nestlearn.config import ConfigError, RunConfig, load_config
@@ -55,9 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
-    p.add_argument("--no-flop-count", action="store_true",
-                   help="skip the executed-FLOP count (one more forward + backward per config, run "
-                        "eagerly under a counter: minutes and many GB for HOPE at long sequences)")
+    p.add_argument("--flop-count", choices=["eager", "fake", "off"], default="eager",
+                   help="executed-FLOP count: one more forward + backward per config under a counter, "
+                        "on the real model ('eager'), on fake tensors (no memory, slower: for HOPE "
+                        "at long sequences, where 'eager' needs many GB), or not at all")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n peak matmul")
     p.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = p.parse_args(argv)
@@ -108,6 +110,12 @@ class Trial:
     batches: list[torch.Tensor]
     peak: float
     times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def vocab(self) -> int:
+        vocab = self.model.config.vocab_size
+        assert vocab is not None  # make_trial builds the model with one
+        return vocab
 
     @property
     def tokens(self) -> int:
@@ -173,20 +181,40 @@ EXTRA_FLOP_FORMULAS = {  # ops the stock counter misses or miscounts
 }
 
 
-def executed_flops_per_token(trial: Trial) -> float:
+def executed_flops_per_token(trial: Trial, fake: bool) -> float:
     """FLOPs of one forward + backward as executed, per token: every matmul, batched matmul,
     convolution, attention kernel and triangular solve counted from its shapes
     (``FlopCounterMode``). Unlike ``flops_per_token`` (a model estimate), it includes the
-    chunk-wise memories' extra products; attention counts its full score matrix, as there."""
-    ids = trial.batches[0]
+    chunk-wise memories' extra products; attention counts its full score matrix, as there.
+    ``fake``: on a copy of the model built from fake tensors, which hold shapes, not data."""
+    if not fake:
+        flops = _counted_flops(trial.model, trial.batches[0])
+        trial.optimizer.zero_grad(set_to_none=True)
+        return flops / trial.tokens
+    with FakeTensorMode():  # on the CPU: the count depends on shapes only
+        model = build_model(trial.cfg, trial.vocab, None)
+        return _counted_flops(model, torch.zeros(trial.batches[0].shape, dtype=torch.long)) / trial.tokens
+
+
+def _counted_flops(model: LanguageModel, ids: torch.Tensor) -> float:
     # eager: the counter sees each op, where a compiled region would hide the ones it fused
     with torch.compiler.set_stance("force_eager"), \
             FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
-        logits, _ = trial.model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, trial.model.config.vocab_size), ids[:, 1:].reshape(-1))
+        logits, _ = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, model.config.vocab_size), ids[:, 1:].reshape(-1))
         torch.autograd.backward(loss)
-    trial.optimizer.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops()) / trial.tokens
+    return float(counter.get_total_flops())
+
+
+def build_model(cfg: RunConfig, vocab: int, device: torch.device | None) -> LanguageModel:
+    """The config's model with its vocabulary, checkpointed as its ``train`` section says, on
+    ``device`` (``None``: where it is built, as for fake tensors, which cannot be moved)."""
+    model = build(dataclasses.replace(cfg.model, vocab_size=vocab))
+    if device is not None:
+        model = model.to(device)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
 
 
 def make_trial(name: str, cfg: RunConfig, args: argparse.Namespace, device: torch.device,
@@ -195,9 +223,7 @@ def make_trial(name: str, cfg: RunConfig, args: argparse.Namespace, device: torc
     batch = args.batch_size or cfg.train.batch_size
     vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
     seed_everything(cfg.seed)
-    model = build(dataclasses.replace(cfg.model, vocab_size=vocab)).to(device)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    model = build_model(cfg, vocab, device)
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]),
                                   eps=opt.eps, weight_decay=opt.weight_decay)
@@ -218,12 +244,12 @@ def run_rounds(trials: list[Trial], args: argparse.Namespace, device: torch.devi
                   + ", ".join(f"{t.name} {t.times[-1] * 1e3:.0f} ms" for t in trials), file=sys.stderr)
 
 
-def summarise(trial: Trial, base: Trial, count_flops: bool) -> dict[str, Any]:
-    """A row of the table: throughput, MFU, executed FLOP rate (if ``count_flops``) and the
-    tokens/s ratio to ``base`` (the first config), the median over rounds of the ratio within
-    each round."""
+def summarise(trial: Trial, base: Trial, flop_count: str) -> dict[str, Any]:
+    """A row of the table: throughput, MFU, executed FLOP rate (``flop_count``: eager, fake or
+    off) and the tokens/s ratio to ``base`` (the first config), the median over rounds of the
+    ratio within each round."""
     step_s = statistics.median(trial.times)
-    executed = executed_flops_per_token(trial) if count_flops else None
+    executed = None if flop_count == "off" else executed_flops_per_token(trial, fake=flop_count == "fake")
     tokens_per_s = trial.tokens / step_s
     flops_per_token = trial.model.flops_per_token(trial.batches[0].shape[1] - 1)
     ratios = [(trial.tokens / t) / (base.tokens / b) for t, b in zip(trial.times, base.times, strict=True)]
@@ -295,14 +321,14 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"peak {p} matmul {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()))
     trials = [make_trial(n, c, args, device, peaks[c.train.precision]) for n, c in found]
     run_rounds(trials, args, device)
-    rows = [summarise(t, trials[0], not args.no_flop_count) for t in trials]
+    rows = [summarise(t, trials[0], args.flop_count) for t in trials]
     print_table(rows)
     atomic_write_json(args.out, {
         "machine": {"device": str(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "matmul_size": args.matmul_size,
                     "peak_flops": peaks},
         "settings": {"steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
-                     "flush_subnormals": flushed},
+                     "flush_subnormals": flushed, "flop_count": args.flop_count},
         "results": rows,
     })
     print(f"wrote {args.out}")

@@ -72,6 +72,21 @@ def test_rounds_ratio_and_executed_flops_of_a_tiny_transformer(bench: ModuleType
         assert row["executed_flops_per_token"] == pytest.approx(row["flops_per_token"], rel=0.03)
 
 
+@pytest.mark.parametrize("model", ["default", "hope/pilot_smoke"])
+def test_counting_on_fake_tensors_gives_the_eager_count(bench: ModuleType, tmp_path: Path, model: str) -> None:
+    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=128"]
+    if model != "default":  # HOPE: chunked self-referential memories, CMS, triangular solves
+        tiny += ["model.self_ref.memory_chunk_size=8", "model.self_ref.other_chunk_size=8"]
+    counts = []
+    for mode in ("eager", "fake"):
+        out = tmp_path / f"{mode}.json"
+        assert bench.main(["--configs", model, "--overrides", *tiny, "--seq-len", "20", "--batch-size", "2",
+                           "--steps", "1", "--warmup", "0", "--matmul-size", "64", "--flop-count", mode,
+                           "--out", str(out)]) == 0
+        counts.append(json.loads(out.read_text())["results"][0]["executed_flops_per_token"])
+    assert counts[0] > 0 and counts[1] == pytest.approx(counts[0], rel=1e-9)
+
+
 def test_an_unknown_config_is_skipped_and_none_left_fails(bench: ModuleType, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--configs", "no/such_config", "--out", str(tmp_path / "x.json")]) == 2
