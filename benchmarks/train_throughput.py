@@ -118,20 +118,23 @@ class Trial:
         return vocab
 
     @property
+    def seq_len(self) -> int:
+        return self.batches[0].shape[1] - 1  # inputs and their next-token targets
+
+    @property
     def tokens(self) -> int:
-        return self.batches[0].shape[0] * (self.batches[0].shape[1] - 1)
+        return self.batches[0].shape[0] * self.seq_len
 
     def step(self, i: int, device: torch.device) -> float:
         """One training step (forward + backward + AdamW) on batch ``i``; its wall time."""
         ids = self.batches[i % len(self.batches)]
-        vocab = self.model.config.vocab_size
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                     if self.cfg.train.precision == "bf16" else contextlib.nullcontext())
         synchronize(device)
         start = time.perf_counter()
         with autocast:
             logits, _ = self.model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         self.optimizer.step()
@@ -251,15 +254,15 @@ def summarise(trial: Trial, base: Trial, flop_count: str) -> dict[str, Any]:
     step_s = statistics.median(trial.times)
     executed = None if flop_count == "off" else executed_flops_per_token(trial, fake=flop_count == "fake")
     tokens_per_s = trial.tokens / step_s
-    flops_per_token = trial.model.flops_per_token(trial.batches[0].shape[1] - 1)
+    flops_per_token = trial.model.flops_per_token(trial.seq_len)
     ratios = [(trial.tokens / t) / (base.tokens / b) for t, b in zip(trial.times, base.times, strict=True)]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     cfg = trial.cfg
     return {
         "config": trial.name, "model_type": cfg.model.type, "precision": cfg.train.precision,
         "params": trial.model.num_params(), "non_embedding_params": trial.model.num_params(True),
-        "vocab_size": trial.model.config.vocab_size, "batch_size": trial.batches[0].shape[0],
-        "seq_len": trial.batches[0].shape[1] - 1,
+        "vocab_size": trial.vocab, "batch_size": trial.batches[0].shape[0],
+        "seq_len": trial.seq_len,
         "step_s_median": step_s, "step_s_min": min(trial.times), "step_s_max": max(trial.times),
         "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
         "achieved_flops": tokens_per_s * flops_per_token, "peak_flops": trial.peak,
