@@ -5,10 +5,11 @@ causal softmax attention (SDPA) of the same width, and memory of token-by-token 
     python benchmarks/memory_throughput.py --quick    # shorter reference run and decode lengths
 
 Training rows time forward + backward (mean of squares as the loss) on random inputs, best of
-``--repeats`` (``--ref-repeats`` for the reference) after one warm-up: the best run is the
-one least disturbed by the machine, for both paths alike. The reference path is timed on
-``--ref-len`` tokens (it is linear in length). Decoding feeds one token at a time with the state, under ``no_grad``, and
-samples the process RSS every 64 tokens: a flat peak over lengths means O(1) state.
+``--repeats`` (``--ref-repeats`` for the reference) after one warm-up, the rows taking turns
+so that a slow spell of the machine does not fall on one of them. The reference path is timed
+on ``--ref-len`` tokens (it is linear in length). Decoding feeds one token at a time with the
+state, under ``no_grad``, and samples the process RSS every 64 tokens: a flat peak over
+lengths means O(1) state.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of timed runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=256)
@@ -39,14 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ref-len", type=int, help="tokens for the reference path (default: --seq-len)")
     p.add_argument("--decode-lens", default="1024,4096,16384")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each fast row (best counts)")
-    p.add_argument("--ref-repeats", type=int, default=3, help="timed runs of the reference row")
+    p.add_argument("--repeats", type=at_least_one, default=3, help="timed runs of each fast row (best counts)")
+    p.add_argument("--ref-repeats", type=at_least_one, default=3, help="timed runs of the reference row")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="--ref-len 256, --decode-lens 256,1024,4096")
     p.add_argument("--out", default="benchmarks/results/memory_throughput.json")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.ref_repeats < 1:
-        p.error(f"--repeats and --ref-repeats must be >= 1, got {args.repeats} and {args.ref_repeats}")
     if args.quick:
         args.ref_len = args.ref_len or 256
         args.decode_lens = "256,1024,4096"

@@ -31,7 +31,7 @@ from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_throughput import time_train
+from memory_throughput import at_least_one, time_train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,16 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ref-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each fast row (best counts)")
-    p.add_argument("--ref-repeats", type=int, default=2, help="timed runs of the reference row")
+    p.add_argument("--repeats", type=at_least_one, default=3, help="timed runs of each fast row (best counts)")
+    p.add_argument("--ref-repeats", type=at_least_one, default=2, help="timed runs of the reference row")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled row (compile=True)")
     p.add_argument("--out", default="benchmarks/results/self_ref_throughput.json")
-    args = p.parse_args(argv)
-    if args.repeats < 1 or args.ref_repeats < 1:
-        p.error(f"--repeats and --ref-repeats must be >= 1, got {args.repeats} and {args.ref_repeats}")
-    return args
+    return p.parse_args(argv)
 
 
 def run_layer(layer: SelfRefTitans) -> Callable[[Tensor], Tensor]:
