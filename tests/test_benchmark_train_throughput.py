@@ -7,6 +7,7 @@ Transformer++ against ``flops_per_token``, an independent analytic formula of th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -23,9 +24,9 @@ def bench() -> ModuleType:
     return load_script("benchmarks/train_throughput.py")
 
 
-def counted(bench: ModuleType, fn: object) -> int:
+def counted(bench: ModuleType, fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping=bench.EXTRA_FLOP_FORMULAS) as counter:
-        fn()  # type: ignore[operator]
+        fn()
     return int(counter.get_total_flops())
 
 

@@ -17,7 +17,7 @@ def flush_subnormals() -> bool:
 
     The mode is per thread and a new thread inherits it from its creator: call this before the
     first parallel torch op of the process (the intra-op thread pool starts then). Threads that
-    already exist keep denormals. ``nestlearn``'s CLI and ``pipeline.train`` call it
-    (``train.flush_subnormals``); scripts that use the layers directly should call it first.
+    already exist keep denormals. ``pipeline.train`` calls it first (``train.flush_subnormals``),
+    and so the CLI's training commands; scripts that use the layers directly should call it first.
     """
     return bool(torch.set_flush_denormal(True))
