@@ -9,7 +9,9 @@ Training rows time forward + backward (mean of squares as the loss) on random in
 so that a slow spell of the machine does not fall on one of them. The reference path is timed
 on ``--ref-len`` tokens (it is linear in length). Decoding feeds one token at a time with the
 state, under ``no_grad``, and samples the process RSS every 64 tokens: a flat peak over
-lengths means O(1) state.
+lengths means O(1) state. ``memory_chunked_compiled`` is the chunk-wise path with
+``compile=True`` (same weights; its first call, which compiles, is recorded as
+``first_call_s`` and not timed; ``--no-compile`` skips it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=at_least_one, default=3, help="timed runs of each fast row (best counts)")
     p.add_argument("--ref-repeats", type=at_least_one, default=3, help="timed runs of the reference row")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled row (compile=True)")
     p.add_argument("--quick", action="store_true", help="--ref-len 256, --decode-lens 256,1024,4096")
     p.add_argument("--out", default="benchmarks/results/memory_throughput.json")
     args = p.parse_args(argv)
@@ -139,20 +143,34 @@ def main(argv: list[str] | None = None) -> int:
         "memory_reference": (memory.forward_reference, x_ref, args.ref_repeats),
         "attention_sdpa": (attention, x, args.repeats),
     }
+    first_call_s = None
+    if not args.no_compile:
+        compiled = NeuralMemory(replace(cfg, compile=True))
+        compiled.load_state_dict(memory.state_dict())
+        start = time.perf_counter()
+        compiled(x)[0].square().mean().backward()
+        first_call_s = time.perf_counter() - start
+        print(f"  compiled first call (compiles) {first_call_s:.1f} s", file=sys.stderr)
+        cases["memory_chunked_compiled"] = (lambda z: compiled(z)[0], x, args.repeats)
     rows: list[dict[str, Any]] = []
     for (name, (_, inp, _)), seconds in zip(cases.items(), time_train(list(cases.values())), strict=True):
         rows.append({"path": name, "tokens": inp.shape[0] * inp.shape[1], "seconds": seconds,
                      "tokens_per_s": inp.shape[0] * inp.shape[1] / seconds})
-        print(f"  {name:18s} {rows[-1]['tokens_per_s']:10.0f} tok/s", file=sys.stderr)
-    fast, ref, attn = (r["tokens_per_s"] for r in rows)
+        print(f"  {name:24s} {rows[-1]['tokens_per_s']:10.0f} tok/s", file=sys.stderr)
+    speed = {r["path"]: r["tokens_per_s"] for r in rows}
+    fast, ref, attn = speed["memory_chunked"], speed["memory_reference"], speed["attention_sdpa"]
+    fast_compiled = speed.get("memory_chunked_compiled")
     decode_rows = [decode(memory, int(n), args.dim) for n in args.decode_lens.split(",")]
 
     print(f"\nTitans memory, dim {args.dim}, {args.heads} heads, depth {args.depth}, chunk {args.chunk}, "
           f"batch {args.batch}, T {args.seq_len}, {args.threads} thread(s), torch {torch.__version__}")
-    print(f"{'path (fwd+bwd)':20s} {'tokens':>8s} {'seconds':>9s} {'tok/s':>10s}")
+    print(f"{'path (fwd+bwd)':24s} {'tokens':>8s} {'seconds':>9s} {'tok/s':>10s}")
     for r in rows:
-        print(f"{r['path']:20s} {r['tokens']:8d} {r['seconds']:9.3f} {r['tokens_per_s']:10.0f}")
+        print(f"{r['path']:24s} {r['tokens']:8d} {r['seconds']:9.3f} {r['tokens_per_s']:10.0f}")
     print(f"speed-up chunked / reference: {fast / ref:.1f}x; chunked / attention: {fast / attn:.2f}x")
+    if fast_compiled is not None:
+        print(f"speed-up chunked compiled / reference: {fast_compiled / ref:.1f}x; "
+              f"compiled / eager chunked: {fast_compiled / fast:.2f}x")
     print(f"\n{'decode tokens':>14s} {'tok/s':>8s} {'peak RSS delta MB':>18s} {'M+S state MB':>13s}")
     for d in decode_rows:
         print(f"{d['tokens']:14d} {d['tokens_per_s']:8.0f} {d['rss_delta_mb']:18.1f} {d['state_weights_mb']:13.2f}")
@@ -160,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__, "load_average": os.getloadavg(), "flush_subnormals": flushed,
         "train": rows, "speedup_vs_reference": fast / ref, "speedup_vs_attention": fast / attn,
-        "decode": decode_rows,
+        "compiled_speedup_vs_reference": None if fast_compiled is None else fast_compiled / ref,
+        "compiled_first_call_s": first_call_s, "decode": decode_rows,
     })
     print(f"\nwrote {args.out}")
     return 0

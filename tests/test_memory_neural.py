@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig
+from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig, chunked
 from nestlearn.memory.neural_memory import causal_depthwise_conv
 
 TINY = NeuralMemoryConfig(d_model=8, heads=2, head_dim=4, depth=2, expansion=2.0, chunk_size=4,
@@ -105,6 +105,53 @@ def test_decode_without_grad_and_detach() -> None:
     _, state = memory(x)
     assert state.weights.layers[0].requires_grad
     assert not state.detach().weights.layers[0].requires_grad
+
+
+def test_compiled_chunks_equal_eager() -> None:
+    """``compile=True`` (each complete chunk's hand-written forward and backward through
+    torch.compile) gives the eager outputs, state and gradients, in one call with a tail and
+    across calls that cut chunks (those pieces run eagerly); a ``create_graph`` backward
+    recomputes eagerly, so the second derivative is the eager one too. Inductor reassociates
+    sums: 1e-9, not bit equality."""
+    eager = build(TINY)
+    compiled = build(dataclasses.replace(TINY, compile=True))
+    compiled.load_state_dict(eager.state_dict())
+    x = inputs(14).requires_grad_()
+    probe = inputs(14, seed=5)
+    chunked._compiled_steps.cache_clear()
+    y_c, state_c = compiled(x)
+    assert chunked._compiled_steps.cache_info().currsize == 1  # the compiled chunks did run
+    y, state = eager(x)
+    torch.testing.assert_close(y_c, y, rtol=1e-9, atol=1e-10)
+    for a, b in zip(state_c.weights.layers + state_c.momentum.layers, state.weights.layers + state.momentum.layers,
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    params = [x, *eager.parameters()]
+    grads = torch.autograd.grad((y * probe).sum(), params, create_graph=True)
+    grads_c = torch.autograd.grad((y_c * probe).sum(), [x, *compiled.parameters()], create_graph=True)
+    for g, g_c in zip(grads, grads_c, strict=True):
+        torch.testing.assert_close(g_c, g, rtol=1e-9, atol=1e-10)
+    second = torch.autograd.grad(grads[0].square().sum(), eager.memory_init[0])[0]
+    second_c = torch.autograd.grad(grads_c[0].square().sum(), compiled.memory_init[0])[0]
+    assert second.abs().max() > 0
+    torch.testing.assert_close(second_c, second, rtol=1e-9, atol=1e-10)
+    y_parts, _ = _run_in_pieces(compiled, x, [6, 9])
+    torch.testing.assert_close(y_parts, y, rtol=1e-9, atol=1e-10)
+
+
+def test_a_failed_memory_compile_is_one_line_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(*_args: object) -> None:
+        raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
+
+    monkeypatch.setattr(chunked, "_compiled_steps", lambda _spec, _clip: (broken, broken))
+    memory = build(dataclasses.replace(TINY, compile=True))
+    with pytest.raises(RuntimeError, match=r"^model\.titans\.memory_compile=true: torch\.compile failed "
+                                           r"\(OSError: cc1plus: not found\); set model\.titans\.memory_compile=false"
+                       ) as err:
+        memory(inputs(8).requires_grad_())
+    assert "\n" not in str(err.value)
 
 
 def test_stats() -> None:

@@ -20,7 +20,7 @@ from nestlearn.memory import current_memory, mlp_forward
 from nestlearn.models import available, build
 from nestlearn.models.attention import PrefixAttention
 from nestlearn.models.layers import apply_rotary
-from nestlearn.models.titans import MACBlock, TitansMAC, TitansStream
+from nestlearn.models.titans import MACBlock, TitansMAC, TitansStream, memory_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,6 +66,14 @@ def test_titans_block_is_validated(key: str, value: object) -> None:
         build(cfg)
     with pytest.raises(ConfigError, match=f"model.titans.{key}"):
         load_config(None, [f"model.titans.{key}={value}"])
+
+
+def test_titans_pilot_compiles_its_memory_chunks() -> None:
+    """The pilot sets ``model.titans.memory_compile``; it reaches every block's memory."""
+    cfg = load_config("titans/pilot", [])
+    assert cfg.model.titans.memory_compile
+    assert memory_config(cfg.model).compile
+    assert not memory_config(ModelConfig(type="titans_mac")).compile
 
 
 @pytest.mark.parametrize("kind", KINDS)

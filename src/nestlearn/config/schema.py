@@ -110,7 +110,8 @@ class TitansConfig:
     `n_heads`), `memory_depth`/`memory_expansion` its MLP, `memory_chunk_size` the tokens whose
     gradients share one chunk-start state (Eq. 16), `memory_momentum`/`memory_forgetting` switch
     η/α of Eq. 13, `memory_max_lr` bounds θ, `memory_conv_kernel` the q/k/v convolution (0: off),
-    `memory_grad_clip` each token's surprise norm (null: off). `segment_size`: MAC's segment
+    `memory_grad_clip` each token's surprise norm (null: off), `memory_compile` runs its complete
+    chunks through torch.compile (`NeuralMemoryConfig.compile`). `segment_size`: MAC's segment
     length C (§4.1). `window`: the sliding attention window of MAG and MAL (§4.2-§4.3), the token
     itself included. `n_persistent`: learned persistent memory tokens per attention layer (§3.3).
     """
@@ -125,6 +126,7 @@ class TitansConfig:
     memory_max_lr: float = 0.1
     memory_conv_kernel: int = 4
     memory_grad_clip: float | None = None
+    memory_compile: bool = False
     segment_size: int = 64
     window: int = 64
     n_persistent: int = 4

@@ -29,6 +29,8 @@ gate coefficients (``_SegmentProducts``); both are differentiable again under ``
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,6 +48,7 @@ from nestlearn.memory.mlp import (
     linear,
 )
 from nestlearn.memory.state import MemoryWeights, Writes
+from nestlearn.utils.compiling import call_compiled
 
 
 def segment_sums(x: Tensor) -> Tensor:
@@ -377,17 +380,27 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
             g_mix * tr.step.unsqueeze(-2), *g_last)
 
 
+COMPILE_OPTION = "model.titans.memory_compile"
+"""The config switch that ``call_compiled`` names when a compiled chunk fails to build."""
+
+
 class _MemoryChunk(torch.autograd.Function):
     """``_chunk_forward`` with the hand-written ``_chunk_backward``: autograd through the
     chunk's many small ops cost more than its matmuls. Under ``create_graph`` the backward
-    recomputes the intermediates with a graph, so it is differentiable in turn."""
+    recomputes the intermediates with a graph, so it is differentiable in turn. ``compiled``:
+    run both through ``torch.compile`` (``_compiled_steps``) wherever no graph is recorded, i.e.
+    the forward and a plain backward; a ``create_graph`` backward stays eager."""
 
     @staticmethod
-    def forward(ctx: Any, spec: MemoryMLPSpec, grad_clip: float | None, depth: int,
+    def forward(ctx: Any, spec: MemoryMLPSpec, grad_clip: float | None, depth: int, compiled: bool,
                 *flat: Tensor) -> tuple[Tensor, ...]:
-        outs, trace = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip)
+        x = ChunkInputs.unflatten(flat, depth)
+        if compiled:
+            outs, trace = call_compiled(COMPILE_OPTION, _compiled_steps(spec, grad_clip)[0], x)
+        else:
+            outs, trace = _chunk_forward(x, spec, grad_clip)
         ctx.save_for_backward(*flat)
-        ctx.trace, ctx.spec, ctx.grad_clip, ctx.depth = trace, spec, grad_clip, depth
+        ctx.trace, ctx.spec, ctx.grad_clip, ctx.depth, ctx.compiled = trace, spec, grad_clip, depth, compiled
         ctx.set_materialize_grads(False)  # skip the work for outputs nobody differentiates
         y, sq, *state = outs
         return (y, sq.clone(), *state)  # the trace keeps sq: no output may live on ctx
@@ -396,9 +409,33 @@ class _MemoryChunk(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor | None, g_sq: Tensor | None,
                  *g_state: Tensor | None) -> tuple[Tensor | None, ...]:
         x = ChunkInputs.unflatten(ctx.saved_tensors, ctx.depth)
-        trace = _chunk_forward(x, ctx.spec, ctx.grad_clip)[1] if torch.is_grad_enabled() else ctx.trace
         gy = torch.zeros_like(x.q) if gy is None else gy
-        return (None, None, None, *_chunk_backward(x, trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state))
+        if torch.is_grad_enabled():  # create_graph: recompute with a graph, eagerly
+            trace = _chunk_forward(x, ctx.spec, ctx.grad_clip)[1]
+            grads = _chunk_backward(x, trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state)
+        elif ctx.compiled:
+            grads = call_compiled(COMPILE_OPTION, _compiled_steps(ctx.spec, ctx.grad_clip)[1], x, ctx.trace,
+                                  gy, g_sq, g_state)
+        else:
+            grads = _chunk_backward(x, ctx.trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state)
+        return (None, None, None, None, *grads)
+
+
+@functools.cache
+def _compiled_steps(spec: MemoryMLPSpec, grad_clip: float | None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``_chunk_forward`` and ``_chunk_backward`` of one memory shape under ``torch.compile``
+    (``NeuralMemoryConfig.compile``): inductor fuses the chunk's elementwise passes between its
+    matmuls. Shapes are static (full chunks only, ``chunked_memory_scan``); a few variants
+    compile, e.g. the first chunk of a call from ``initial_state`` and the state gradients that
+    are ``None`` for the last chunk."""
+    def forward(x: ChunkInputs) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
+        return _chunk_forward(x, spec, grad_clip)
+
+    def backward(x: ChunkInputs, trace: _ChunkTrace, gy: Tensor, g_sq: Tensor | None,
+                 g_state: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+        return _chunk_backward(x, trace, spec, grad_clip, gy, g_sq, g_state)
+
+    return torch.compile(forward, dynamic=False), torch.compile(backward, dynamic=False)
 
 
 @dataclass(frozen=True)
@@ -423,9 +460,10 @@ def memory_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes
 
 
 def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, q: Tensor,
-               gates: tuple[Tensor, ...], spec: MemoryMLPSpec, grad_clip: float | None) -> ChunkResult:
+               gates: tuple[Tensor, ...], spec: MemoryMLPSpec, grad_clip: float | None,
+               compiled: bool = False) -> ChunkResult:
     """``memory_chunk`` given ``ChunkCoefficients.gate_inputs`` (advancing iff they include
-    the last token's)."""
+    the last token's); ``compiled``: through ``_compiled_steps`` when it records a graph."""
     depth = len(weights.layers)
     a_rows, b_rows, c_rows, *last = gates
     batch = writes.theta.shape[:-1]
@@ -434,7 +472,7 @@ def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, 
         weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q, a_rows, b_rows, c_rows,
         tuple(last)).flatten())
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
-        outs = _MemoryChunk.apply(spec, grad_clip, depth, *flat)  # type: ignore[no-untyped-call]
+        outs = _MemoryChunk.apply(spec, grad_clip, depth, compiled, *flat)  # type: ignore[no-untyped-call]
     else:
         outs = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip, fused=False)[0]
     y, sq, *state = (t.reshape(*batch, *t.shape[1:]) for t in outs)
@@ -457,7 +495,7 @@ class ScanResult:
 
 def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer: Writes,
                         q: Tensor, writes: Writes, spec: MemoryMLPSpec, chunk_size: int,
-                        grad_clip: float | None = None) -> ScanResult:
+                        grad_clip: float | None = None, compiled: bool = False) -> ScanResult:
     """Run T new tokens through the memory in chunks of ``chunk_size``.
 
     The stream is ``buffer`` (the ``p < C`` already-seen tokens of the current chunk, whose
@@ -465,6 +503,8 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
     tokens' queries. A completed chunk advances (M_0, S_0); the tokens of an incomplete last
     chunk (a tail, or a sequence shorter than C) update every retrieval after them and are
     returned as the new buffer, so one call, many calls and token-by-token calls agree.
+    ``compiled``: complete chunks read by all their tokens run through ``torch.compile``
+    (``NeuralMemoryConfig.compile``; one static shape), the others eagerly.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -499,7 +539,8 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
             chunk_gates = tail_co.gate_inputs(slice(piece.length - m, piece.length), False)
         else:
             break  # nothing new to read in an unfinished chunk
-        res = _run_chunk(weights, momentum, piece, q_chunk, chunk_gates, spec, grad_clip)
+        res = _run_chunk(weights, momentum, piece, q_chunk, chunk_gates, spec, grad_clip,
+                         compiled and m == chunk_size and j < n_full)
         ys.append(res.y)
         sq.append(res.sq_norms[..., piece.length - m:])
         if res.weights is not None and res.momentum is not None:

@@ -78,6 +78,7 @@ from nestlearn.memory.mlp import (
     mlp_forward,
 )
 from nestlearn.memory.state import MemoryStats, MemoryWeights, Writes
+from nestlearn.utils.compiling import call_compiled
 
 GENERATORS = ("k", "v", "q", "eta", "alpha")
 """The memories the "other" group can hold, in the order they are stacked (dim -3 of their
@@ -731,8 +732,9 @@ class SelfRefTitans(nn.Module):
             if first == n and not complete:
                 break
             if complete and compiled is not None:  # contiguous: strides that do not depend on T
-                o, pack, sq, new_weights, new_momentum = _call_compiled(
-                    compiled, weights, momentum, decay, xs.contiguous(), qs.contiguous(), *params)
+                o, pack, sq, new_weights, new_momentum = call_compiled(
+                    "model.self_ref.compile", compiled, weights, momentum, decay, xs.contiguous(), qs.contiguous(),
+                    *params)
             else:
                 o, pack, sq, new_weights, new_momentum = _aligned_chunk(c, complete, weights, momentum, decay, xs,
                                                                         qs, *params)
@@ -797,17 +799,6 @@ def _aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor
                             None if decay is None else _MomentumDecay(*decay), c.dgd)
     return (memory_out[..., 0, :, :], pack, sq, new.weights.layers,
             None if new.momentum is None else new.momentum.layers)
-
-
-def _call_compiled(step: Callable[..., ChunkOut], *args: object) -> ChunkOut:
-    """``step(*args)``, with a failure to compile reported as one line that names the option."""
-    try:
-        return step(*args)
-    except torch._dynamo.exc.BackendCompilerFailed as exc:
-        cause = str(exc.inner_exception).strip().splitlines() or [""]
-        raise RuntimeError(f"model.self_ref.compile=true: torch.compile failed ({type(exc.inner_exception).__name__}: "
-                           f"{cause[0][:200]}); set model.self_ref.compile=false, or install what torch.compile "
-                           "needs (a C++ compiler on CPU, triton on GPU)") from exc
 
 
 @functools.cache

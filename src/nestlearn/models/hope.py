@@ -62,18 +62,9 @@ from nestlearn.models.layers import (
     swiglu_hidden,
 )
 from nestlearn.models.registry import register
+from nestlearn.models.titans import memory_config
 
 BASE_LEVEL = "base"  # the level of every non-CMS parameter: updated at every step
-
-
-def memory_config(cfg: ModelConfig) -> NeuralMemoryConfig:
-    """The `NeuralMemory` of ``hope_attn_titans`` from the ``model.titans.memory_*`` fields."""
-    t = cfg.titans
-    return NeuralMemoryConfig(
-        d_model=cfg.d_model, heads=t.memory_heads, head_dim=t.memory_head_dim,
-        depth=t.memory_depth, expansion=t.memory_expansion, chunk_size=t.memory_chunk_size,
-        momentum=t.memory_momentum, forgetting=t.memory_forgetting, max_lr=t.memory_max_lr,
-        conv_kernel=t.memory_conv_kernel, grad_clip=t.memory_grad_clip)
 
 
 def self_ref_config(cfg: ModelConfig) -> SelfRefTitansConfig:

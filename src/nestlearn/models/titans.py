@@ -70,13 +70,13 @@ from nestlearn.models.registry import register
 
 
 def memory_config(cfg: ModelConfig) -> NeuralMemoryConfig:
-    """The ``NeuralMemoryConfig`` of every block, from ``cfg.titans``."""
+    """The ``NeuralMemoryConfig`` of every block (and of ``hope_attn_titans``), from ``cfg.titans``."""
     t = cfg.titans
     return NeuralMemoryConfig(
         d_model=cfg.d_model, heads=t.memory_heads, head_dim=t.memory_head_dim, depth=t.memory_depth,
         expansion=t.memory_expansion, chunk_size=t.memory_chunk_size, momentum=t.memory_momentum,
         forgetting=t.memory_forgetting, conv_kernel=t.memory_conv_kernel, max_lr=t.memory_max_lr,
-        grad_clip=t.memory_grad_clip)
+        grad_clip=t.memory_grad_clip, compile=t.memory_compile)
 
 
 def _empty_kv(like: Tensor, batch: int, n_heads: int, head_dim: int) -> LayerKV:

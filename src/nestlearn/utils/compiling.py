@@ -1,0 +1,23 @@
+"""``torch.compile`` of the memories' chunk steps: a failure to compile is one line naming the option."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def call_compiled(option: str, step: Callable[..., T], *args: object) -> T:
+    """``step(*args)`` for a compiled ``step``; a compiler failure (no C++ compiler, no triton)
+    becomes a ``RuntimeError`` of one line that tells the user which config switch to turn off
+    (``option``, e.g. ``model.self_ref.compile``), instead of inductor's page of log."""
+    try:
+        return step(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        cause = str(exc.inner_exception).strip().splitlines() or [""]
+        raise RuntimeError(f"{option}=true: torch.compile failed ({type(exc.inner_exception).__name__}: "
+                           f"{cause[0][:200]}); set {option}=false, or install what torch.compile "
+                           "needs (a C++ compiler on CPU, triton on GPU)") from exc
