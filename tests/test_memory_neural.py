@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig, chunked
-from nestlearn.memory.neural_memory import causal_depthwise_conv
+from nestlearn.memory.conv import causal_depthwise_conv
 
 TINY = NeuralMemoryConfig(d_model=8, heads=2, head_dim=4, depth=2, expansion=2.0, chunk_size=4,
                           max_lr=0.5, grad_clip=1.0)

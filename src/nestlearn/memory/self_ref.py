@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nestlearn.memory.chunked import segment_sums
+from nestlearn.memory.conv import causal_depthwise_conv
 from nestlearn.memory.mlp import (
     Activation,
     MemoryMLPSpec,
@@ -599,7 +600,7 @@ class SelfRefTitans(nn.Module):
                 raise ValueError("this layer has a convolution but the state has no conv_cache")
             padded = torch.cat([conv_cache, x], dim=1)
             conv_cache = padded[:, padded.shape[1] - (c.conv_kernel - 1):]
-            x = F.conv1d(padded.transpose(1, 2), self.conv_weight, groups=c.d_model).transpose(1, 2)
+            x = causal_depthwise_conv(padded, self.conv_weight)
         b, t = x.shape[:2]
         q = None
         if self.to_q is not None:
