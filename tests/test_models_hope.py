@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlearn.config import ModelConfig
+from nestlearn.config import ConfigError, ModelConfig, load_config
 from nestlearn.config.schema import CMSConfig, SelfRefConfig, TitansConfig
 from nestlearn.models import available, build
-from nestlearn.models.hope import HopeLM
+from nestlearn.models.hope import HopeLM, self_ref_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -278,3 +278,13 @@ def test_in_context_learning_helps_on_a_repeated_sequence() -> None:
                         next_token_loss(logits[:, 12:], ids[:, 12:]).item())
     assert losses["on"][1] < losses["off"][1] - 0.1
     assert losses["on"][0] == pytest.approx(losses["off"][0], abs=0.1)
+
+
+def test_pilot_keeps_a_small_activation_budget() -> None:
+    """`hope/pilot` compiles its chunks with a 5% activation budget (its micro-batch would not
+    fit a 24 GB machine otherwise); the value reaches the layers and is validated."""
+    cfg = load_config("hope/pilot", [])
+    assert self_ref_config(cfg.model).compile
+    assert self_ref_config(cfg.model).activation_budget == 0.05
+    with pytest.raises(ConfigError, match=r"model\.self_ref\.activation_budget"):
+        load_config("hope/pilot", ["model.self_ref.activation_budget=0"])

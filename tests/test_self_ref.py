@@ -423,6 +423,42 @@ def test_compiled_chunk_step_equals_eager() -> None:
     assert_states_close(end, state)
 
 
+def saved_bytes(layer: SelfRefTitans, x: Tensor) -> tuple[Tensor, int]:
+    """The layer's output on x and the bytes its graph saves for backward."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = layer(x)
+    return y, total
+
+
+def test_activation_budget_recomputes_instead_of_saving() -> None:
+    """``activation_budget`` < 1 makes the compiled chunk keep fewer activations for backward
+    (the partitioner recomputes the rest), with the same outputs and gradients. One complete
+    chunk (compiled) and a tail (eager, reading its end state): each compiled variant costs
+    about a minute of C++ compilation on a cold cache."""
+    eager = make_layer(other_chunk_size=4, memory_chunk_size=4)
+    full = compiled_twin(eager)
+    lean = SelfRefTitans(dataclasses.replace(full.config, activation_budget=0.05)).to(F64)
+    lean.load_state_dict(eager.state_dict())
+    x = inputs(6).requires_grad_()
+    y = eager(x)[0]
+    grads = torch.autograd.grad(y.square().sum(), [x, *eager.parameters()])
+    y_full, kept_full = saved_bytes(full, x)
+    y_lean, kept_lean = saved_bytes(lean, x)
+    assert kept_lean < 0.7 * kept_full, (kept_lean, kept_full)
+    torch.testing.assert_close(y_lean, y, rtol=1e-9, atol=1e-10)
+    grads_lean = torch.autograd.grad(y_lean.square().sum(), [x, *lean.parameters()])
+    for g, g_l in zip(grads, grads_lean, strict=True):
+        torch.testing.assert_close(g_l, g, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y_full, y, rtol=1e-9, atol=1e-10)
+
+
 def test_deep_layer_steps_are_bounded_by_their_input_energy() -> None:
     """A deeper layer's input σ(W k) is not unit-norm: its step is η / max(1, ||z||²) in the fast
     path as in the reference (large initial memories put ||z||² well above 1 here), which makes

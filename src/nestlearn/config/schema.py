@@ -206,7 +206,11 @@ class SelfRefConfig:
     are static projections x W, i.e. moved to the lowest-frequency level; Hope's own is [q],
     `[q, k]` or `[q, v]` are the ablations, `[]` generates q by a memory too). `v_norm`
     L2-normalises v as the paper does q and k: not in the paper, but without it the
-    self-generated targets feed back and overflow within a few hundred tokens at our init."""
+    self-generated targets feed back and overflow within a few hundred tokens at our init.
+    `compile` runs each chunk through torch.compile; `activation_budget` (with it) is the share
+    of the compiled chunk's activations kept for backward, the rest recomputed there
+    (`SelfRefTitansConfig.activation_budget`): what lets long sequences train without
+    `train.activation_checkpointing`."""
 
     depth: int = 2
     expansion: float = 1.0
@@ -221,6 +225,7 @@ class SelfRefConfig:
     weight_decay: bool = True
     static_projections: list[str] = field(default_factory=lambda: ["q"])
     compile: bool = False  # torch.compile each chunk step (SelfRefTitansConfig.compile)
+    activation_budget: float = 1.0  # with compile: share of the chunk's activations kept for backward
 
     def check(self, where: str) -> None:
         static = self.static_projections
@@ -236,6 +241,8 @@ class SelfRefConfig:
             raise ConfigError(f"{where}.conv_kernel", self.conv_kernel, "an integer >= 0 (0 disables)")
         if not 0.0 < self.eta_max <= 1.0:
             raise ConfigError(f"{where}.eta_max", self.eta_max, "a number in (0, 1]")
+        if not 0.0 < self.activation_budget <= 1.0:
+            raise ConfigError(f"{where}.activation_budget", self.activation_budget, "a number in (0, 1]")
 
 
 @dataclass
