@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig, chunked
+from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig, chunked, conv
 from nestlearn.memory.conv import causal_depthwise_conv
 
 TINY = NeuralMemoryConfig(d_model=8, heads=2, head_dim=4, depth=2, expansion=2.0, chunk_size=4,
@@ -139,13 +139,17 @@ def test_compiled_chunks_equal_eager() -> None:
     torch.testing.assert_close(y_parts, y, rtol=1e-9, atol=1e-10)
 
 
-def test_a_failed_memory_compile_is_one_line_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("piece", ["chunk", "conv"])
+def test_a_failed_memory_compile_is_one_line_naming_the_option(monkeypatch: pytest.MonkeyPatch, piece: str) -> None:
     from torch._dynamo.exc import BackendCompilerFailed
 
     def broken(*_args: object) -> None:
         raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
 
-    monkeypatch.setattr(chunked, "_compiled_steps", lambda _spec, _clip: (broken, broken))
+    if piece == "chunk":
+        monkeypatch.setattr(chunked, "_compiled_steps", lambda _spec, _clip: (broken, broken))
+    else:
+        monkeypatch.setattr(conv, "_compiled", lambda: (broken, broken))
     memory = build(dataclasses.replace(TINY, compile=True))
     with pytest.raises(RuntimeError, match=r"^model\.titans\.memory_compile=true: torch\.compile failed "
                                            r"\(OSError: cc1plus: not found\); set model\.titans\.memory_compile=false"
@@ -233,3 +237,26 @@ def test_causal_depthwise_conv_gradients() -> None:
     weight = torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(causal_depthwise_conv, (padded, weight))
     assert torch.autograd.gradgradcheck(causal_depthwise_conv, (padded, weight))
+
+
+def test_compiled_causal_depthwise_conv_equals_eager() -> None:
+    """A ``compile_option`` fuses the shifted sums and their backward (one compile for any batch
+    and length); outputs, gradients and, through the eager ``create_graph`` backward, second
+    derivatives equal the eager ones."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    for length in (9, 13):
+        padded = torch.randn(2, length, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+        probe = torch.randn(2, length - 3, 6, generator=gen, dtype=torch.float64)
+        outs = {}
+        for compiled in (False, True):
+            y = causal_depthwise_conv(padded, weight, "compile" if compiled else None)
+            g_padded, g_weight = torch.autograd.grad((y * probe).sum(), (padded, weight), create_graph=True)
+            second = torch.autograd.grad(g_weight.square().sum(), padded)[0]
+            outs[compiled] = (y, g_padded, g_weight, second)
+        for a, b in zip(outs[True], outs[False], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    y = causal_depthwise_conv(padded, weight, "compile")  # a plain backward: the compiled one
+    g_padded, g_weight = torch.autograd.grad((y * probe).sum(), (padded, weight))
+    torch.testing.assert_close(g_padded, outs[False][1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_weight, outs[False][2], rtol=1e-12, atol=1e-12)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestlearn.memory.chunked import chunked_memory_scan
+from nestlearn.memory.chunked import COMPILE_OPTION, chunked_memory_scan
 from nestlearn.memory.conv import causal_depthwise_conv
 from nestlearn.memory.mlp import Activation, MemoryMLPSpec
 from nestlearn.memory.reference import reference_memory_scan
@@ -144,7 +144,7 @@ class NeuralMemory(nn.Module):
                 raise ValueError("this memory has convolutions but the state has no conv_cache")
             padded = torch.cat([conv_cache, qkv], dim=1)
             conv_cache = padded[:, padded.shape[1] - (c.conv_kernel - 1):]
-            qkv = causal_depthwise_conv(padded, self.conv_weight)
+            qkv = causal_depthwise_conv(padded, self.conv_weight, COMPILE_OPTION if c.compile else None)
         # One copy into the head layout before the SiLU: its backward then meets contiguous
         # gradients (on the permuted view it ran on strided ones, an order of magnitude slower).
         heads = qkv.reshape(*x.shape[:2], 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4).contiguous()

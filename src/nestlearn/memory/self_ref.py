@@ -87,6 +87,9 @@ weights); ``SelfRefTitansConfig.generated`` says which a layer has."""
 PROJECTIONS = ("k", "v", "q")
 """The inputs that may instead be static projections x_t W (``static_projections``)."""
 
+COMPILE_OPTION = "model.self_ref.compile"
+"""The config switch that ``call_compiled`` names when a compiled step fails to build."""
+
 # Initial readout biases: η ≈ η_max σ(-5) ≈ 0.0067 η_max (larger steps diverge at init, see
 # ``SelfRefTitansConfig``), α = σ(6) ≈ 0.9975, β = σ(0) = 0.5.
 ETA_BIAS_INIT = -5.0
@@ -607,7 +610,7 @@ class SelfRefTitans(nn.Module):
                 raise ValueError("this layer has a convolution but the state has no conv_cache")
             padded = torch.cat([conv_cache, x], dim=1)
             conv_cache = padded[:, padded.shape[1] - (c.conv_kernel - 1):]
-            x = causal_depthwise_conv(padded, self.conv_weight)
+            x = causal_depthwise_conv(padded, self.conv_weight, COMPILE_OPTION if c.compile else None)
         b, t = x.shape[:2]
         q = None
         if self.to_q is not None:
@@ -741,7 +744,7 @@ class SelfRefTitans(nn.Module):
                 break
             if complete and compiled is not None:  # contiguous: strides that do not depend on T
                 o, pack, sq, new_weights, new_momentum = call_compiled(
-                    "model.self_ref.compile", compiled, weights, momentum, decay, xs.contiguous(), qs.contiguous(),
+                    COMPILE_OPTION, compiled, weights, momentum, decay, xs.contiguous(), qs.contiguous(),
                     *params)
             else:
                 o, pack, sq, new_weights, new_momentum = _aligned_chunk(c, complete, weights, momentum, decay, xs,
