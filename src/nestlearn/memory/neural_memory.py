@@ -38,8 +38,9 @@ class NeuralMemoryConfig:
     each token's gradient (all layers together), ``None`` disables. ``init_scale``: the
     initial memory weights are N(0, init_scale² / fan_in). ``output_gate``: RMS norm and
     SiLU-gate of §4.4 before the output projection. ``compile``: run each complete chunk's
-    forward and backward through ``torch.compile`` (``chunked._compiled_steps``: 1.11-1.13x
-    forward + backward at 1 thread on a 2-core CPU, ``benchmarks/memory_throughput.py``); the first call compiles (~30 s, then
+    forward and backward through ``torch.compile`` (``chunked._compiled_steps``), and the
+    causal convolution (``conv._compiled``): 1.2-1.26x forward + backward at 1 thread on a
+    2-core CPU (``benchmarks/memory_throughput.py``); the first call compiles (~30 s, then
     inductor's disk cache). Eager paths stay for tails, decoding and ``create_graph``
     backwards, so every equivalence and double backward holds as without it.
     """
