@@ -540,7 +540,7 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
         else:
             break  # nothing new to read in an unfinished chunk
         res = _run_chunk(weights, momentum, piece, q_chunk, chunk_gates, spec, grad_clip,
-                         compiled and m == chunk_size and j < n_full)
+                         compiled and m == chunk_size)  # complete and read by all its tokens
         ys.append(res.y)
         sq.append(res.sq_norms[..., piece.length - m:])
         if res.weights is not None and res.momentum is not None:
