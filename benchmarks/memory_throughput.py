@@ -11,7 +11,7 @@ on ``--ref-len`` tokens (it is linear in length). Decoding feeds one token at a 
 state, under ``no_grad``, and samples the process RSS every 64 tokens: a flat peak over
 lengths means O(1) state. ``memory_chunked_compiled`` is the chunk-wise path with
 ``compile=True`` (same weights; its first call, which compiles, is recorded as
-``first_call_s`` and not timed; ``--no-compile`` skips it).
+``compiled_first_call_s`` and not timed; ``--no-compile`` skips it).
 """
 
 from __future__ import annotations
