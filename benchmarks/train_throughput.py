@@ -10,7 +10,7 @@ the same round (with its interquartile range), the figure to quote on a noisy ma
 
     python benchmarks/train_throughput.py --configs transformer/pilot_smoke,transformer/pilot
     python benchmarks/train_throughput.py --batch-size 1 --seq-len 8192 --flop-count fake \
-        --configs transformer/pilot,hope/pilot:train.activation_checkpointing=true
+        --configs transformer/pilot,hope/pilot,hope/pilot:train.activation_checkpointing=true
     python benchmarks/train_throughput.py --configs default \
         --overrides model.d_model=128 model.n_layers=4 --seq-len 256 --batch-size 8
 """
