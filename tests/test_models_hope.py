@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from nestlearn.config import ConfigError, ModelConfig, load_config
 from nestlearn.config.schema import CMSConfig, SelfRefConfig, TitansConfig
+from nestlearn.memory import chunked
 from nestlearn.models import available, build
 from nestlearn.models.hope import HopeLM, self_ref_config
 
@@ -288,3 +289,33 @@ def test_pilot_keeps_a_small_activation_budget() -> None:
     assert self_ref_config(cfg.model).activation_budget == 0.05
     with pytest.raises(ConfigError, match=r"model\.self_ref\.activation_budget"):
         load_config("hope/pilot", ["model.self_ref.activation_budget=0"])
+
+
+def test_compiled_titans_memory_works_under_in_context_cms() -> None:
+    """`model.titans.memory_compile` keeps double backward (its `create_graph` backwards run
+    eagerly), so unlike `model.self_ref.compile` it is allowed with in-context CMS, whose inner
+    gradients differentiate the block twice (through the memory too: its backward runs under
+    `create_graph` there): `hope_attn_titans` gives the eager logits and outer gradients with it
+    on. In-context CMS feeds the blocks 2 tokens at a time, so memory chunks of 2 are complete
+    in each call and compiled."""
+    results = []
+    chunked._compiled_steps.cache_clear()
+    for compiled in (False, True):
+        cfg = model_config("hope_attn_titans", **CMS_VARIANTS["in_context"])
+        cfg.titans.memory_compile = compiled
+        cfg.titans.memory_chunk_size = 2
+        torch.manual_seed(0)
+        model = build(cfg).double()
+        logits, _ = model(ids_of(2, 12))
+        params = list(model.parameters())
+        grads = torch.autograd.grad(logits.square().mean(), params, allow_unused=True)
+        results.append((logits, grads))
+    assert chunked._compiled_steps.cache_info().currsize == 1  # the compiled chunks did run
+    (logits, grads), (logits_c, grads_c) = results
+    torch.testing.assert_close(logits_c, logits, rtol=1e-9, atol=1e-10)
+    assert sum(g is not None for g in grads) > 10
+    for g, g_c in zip(grads, grads_c, strict=True):
+        assert (g is None) == (g_c is None)
+        if g is not None and g_c is not None:
+            torch.testing.assert_close(g_c, g, rtol=1e-9, atol=1e-10)
+
