@@ -393,9 +393,9 @@ def test_learns_in_context_recall() -> None:
     assert frozen_acc < 1.6 / pairs, float(frozen_acc)
 
 
-def compiled_twin(layer: SelfRefTitans) -> SelfRefTitans:
-    """The same layer (config and weights) with ``compile=True``."""
-    twin = SelfRefTitans(dataclasses.replace(layer.config, compile=True)).to(F64)
+def compiled_twin(layer: SelfRefTitans, **overrides: object) -> SelfRefTitans:
+    """The same layer (config and weights) with ``compile=True`` and any config ``overrides``."""
+    twin = SelfRefTitans(dataclasses.replace(layer.config, compile=True, **overrides)).to(F64)  # type: ignore[arg-type]
     twin.load_state_dict(layer.state_dict())
     return twin
 
@@ -444,8 +444,7 @@ def test_activation_budget_recomputes_instead_of_saving() -> None:
     about a minute of C++ compilation on a cold cache."""
     eager = make_layer(other_chunk_size=4, memory_chunk_size=4)
     full = compiled_twin(eager)
-    lean = SelfRefTitans(dataclasses.replace(full.config, activation_budget=0.05)).to(F64)
-    lean.load_state_dict(eager.state_dict())
+    lean = compiled_twin(eager, activation_budget=0.05)
     x = inputs(6).requires_grad_()
     y = eager(x)[0]
     grads = torch.autograd.grad(y.square().sum(), [x, *eager.parameters()])

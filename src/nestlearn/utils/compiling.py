@@ -1,4 +1,5 @@
-"""``torch.compile`` of the memories' chunk steps: a failure to compile is one line naming the option."""
+"""``torch.compile`` of the memories' steps (chunks, convolution): a failure to compile is one line
+naming the option."""
 
 from __future__ import annotations
 
