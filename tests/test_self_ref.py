@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 from torch import Tensor
+from torch.profiler import profile
 
 from nestlearn.memory import self_ref
 from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, l2_loss_grads
@@ -326,10 +327,12 @@ def test_chunk_update_gradients_equal_literal_recurrence(momentum: bool, n: int)
         torch.testing.assert_close(g_fast, g_literal, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("momentum", [True, False])
-def test_dgd_layer_gradcheck(momentum: bool) -> None:
+def test_dgd_layer_gradcheck(momentum: bool, kernel: bool) -> None:
     """gradcheck and gradgradcheck of ``_DgdLayer`` on arbitrary (not only chunk-shaped)
-    coefficients, with z and the DGD system shared over a broadcast memory axis as in layer 1."""
+    coefficients, with z and the DGD system shared over a broadcast memory axis as in layer 1;
+    with ``kernel`` its solves (forward and backward) run in ``cpu_kernels``."""
     gen = torch.Generator().manual_seed(0)
     m, n, o, i = 2, 3, 2, 3
 
@@ -341,7 +344,7 @@ def test_dgd_layer_gradcheck(momentum: bool) -> None:
             *((rand(m, n, 1), rand(m, 1, 1), rand(m, 1, 1), rand(m, n, 1)) if momentum else (None,) * 4)]
 
     def fn(*xs: Tensor | None) -> tuple[Tensor, ...]:
-        return tuple(t for t in _DgdLayer.apply(*xs) if t is not None)
+        return tuple(t for t in _DgdLayer.apply(kernel, *xs) if t is not None)
 
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
@@ -421,6 +424,28 @@ def test_compiled_chunk_step_equals_eager() -> None:
     rest, end = compiled(x[:, 6:], mid)
     torch.testing.assert_close(torch.cat([first, rest], 1), y, rtol=1e-9, atol=1e-10)
     assert_states_close(end, state)
+
+
+def test_layer_with_the_kernel_equals_torch_solves() -> None:
+    """``compile=True`` on the general path (unequal chunk sizes: eager, no torch.compile) solves
+    its DGD systems with the kernel: the same outputs, first and second derivatives as with
+    torch's solves, in float64."""
+    plain = make_layer(other_chunk_size=4, memory_chunk_size=2)
+    kernel = compiled_twin(plain)
+    x = inputs(11).requires_grad_()
+    y = plain(x)[0]
+    with profile() as prof:
+        y_k = kernel(x)[0]
+    assert any(e.key == "nestlearn::unit_triangular_solve" for e in prof.key_averages())
+    torch.testing.assert_close(y_k, y, rtol=1e-12, atol=1e-12)
+    params = [x, *plain.parameters()]
+    grads = torch.autograd.grad(y.square().sum(), params, create_graph=True)
+    grads_k = torch.autograd.grad(y_k.square().sum(), [x, *kernel.parameters()], create_graph=True)
+    for g, g_k in zip(grads, grads_k, strict=True):
+        torch.testing.assert_close(g_k, g, rtol=1e-12, atol=1e-12)
+    second = torch.autograd.grad(grads[0].square().sum(), plain.memory_init[0])[0]
+    second_k = torch.autograd.grad(grads_k[0].square().sum(), kernel.memory_init[0])[0]
+    torch.testing.assert_close(second_k, second, rtol=1e-10, atol=1e-12)
 
 
 def saved_bytes(layer: SelfRefTitans, x: Tensor) -> tuple[Tensor, int]:

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nestlearn.memory import cpu_kernels
 from nestlearn.memory.chunked import segment_sums
 from nestlearn.memory.conv import causal_depthwise_conv
 from nestlearn.memory.mlp import (
@@ -247,12 +248,13 @@ def self_ref_stats(writes: Writes, surprise_sq: list[Tensor], momentum: MemoryWe
 
 
 def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
-                     log_beta: Tensor | None, dgd: bool) -> GroupState:
+                     log_beta: Tensor | None, dgd: bool, kernel: bool = False) -> GroupState:
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
-    against the weights' leading dims; ``log_beta`` is ignored without momentum."""
+    against the weights' leading dims; ``log_beta`` is ignored without momentum. ``kernel``:
+    solve the DGD systems of CPU tensors with ``cpu_kernels`` (``_solve``)."""
     momentum = None if log_beta is None or state.momentum is None else _MomentumDecay.build(log_beta)
-    return _dgd_chunk_update(state, grads, None, eta, log_alpha, momentum, dgd)
+    return _dgd_chunk_update(state, grads, None, eta, log_alpha, momentum, dgd, kernel)
 
 
 def layer_step(eta: Tensor, z: Tensor) -> Tensor:
@@ -267,7 +269,8 @@ def layer_step(eta: Tensor, z: Tensor) -> Tensor:
 
 
 def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
-                      eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool) -> GroupState:
+                      eta: Tensor, log_alpha: Tensor, momentum: _MomentumDecay | None, dgd: bool,
+                      kernel: bool) -> GroupState:
     """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
     reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     if state.momentum is not None and momentum is None:
@@ -279,7 +282,7 @@ def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tenso
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
         co = decays.coefficients(layer_step(eta, z), dgd)
-        w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co)
+        w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co, kernel)
         ws.append(w)
         if s is not None:
             ss.append(s)
@@ -368,7 +371,7 @@ class _DgdCoefficients:
 
 
 def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,
-               co: _DgdCoefficients) -> tuple[Tensor, Tensor | None]:
+               co: _DgdCoefficients, kernel: bool) -> tuple[Tensor, Tensor | None]:
     """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
     leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
     if co.dgd:
@@ -378,7 +381,7 @@ def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Te
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in args if t is not None))
         with torch.autocast(w0.device.type, enabled=False):
             out: tuple[Tensor, Tensor | None] = _DgdLayer.apply(  # type: ignore[no-untyped-call]
-                *(None if t is None else t.to(dtype) for t in args))
+                kernel, *(None if t is None else t.to(dtype) for t in args))
         return out
     update = (delta * co.last_w).transpose(-1, -2) @ z
     if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
@@ -389,6 +392,19 @@ def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Te
 
 def _row_sum(x: Tensor) -> Tensor:
     return x.sum(-1, keepdim=True)
+
+
+def _solve(system: Tensor, rhs: Tensor, transpose: bool, kernel: bool) -> Tensor:
+    """X with (I + strict_lower(system)) X = rhs (its transpose with ``transpose``): with
+    ``kernel``, CPU tensors and no graph recorded, nestlearn's C++ kernel (``cpu_kernels``, ~3×
+    faster here); otherwise, and whenever the solve itself must be differentiable (double
+    backward), ``torch.linalg.solve_triangular``."""
+    if kernel and system.device.type == "cpu" and not torch.is_grad_enabled():
+        return cpu_kernels.unit_triangular_solve(system, rhs, transpose, COMPILE_OPTION)
+    if transpose:
+        system = system.transpose(-1, -2)
+    out: Tensor = torch.linalg.solve_triangular(system, rhs, upper=transpose, unitriangular=True)
+    return out
 
 
 class _DgdLayer(torch.autograd.Function):
@@ -409,20 +425,20 @@ class _DgdLayer(torch.autograd.Function):
 
     @staticmethod
     def solve(s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor, c_prev_eta: Tensor, gamma_prev: Tensor,
-              decay_eta: Tensor, b_prev: Tensor | None) -> tuple[Tensor, Tensor]:
+              decay_eta: Tensor, b_prev: Tensor | None, kernel: bool) -> tuple[Tensor, Tensor]:
         """G and P (the DGD terms p_t)."""
         gram = z @ z.transpose(-1, -2)
         rhs = torch.addcmul((c_prev_eta * gram) @ delta, gamma_prev, read)
         if s0 is not None and b_prev is not None:
             rhs = rhs + linear(s0, b_prev * z)
-        return gram, torch.linalg.solve_triangular(decay_eta * gram, rhs, upper=False, unitriangular=True)
+        return gram, _solve(decay_eta * gram, rhs, False, kernel)
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, w0: Tensor, s0: Tensor | None, delta: Tensor,
-                z: Tensor, read: Tensor, gamma_n: Tensor, last_w: Tensor, c_prev_eta: Tensor,
+    def forward(ctx: torch.autograd.function.FunctionCtx, kernel: bool, w0: Tensor, s0: Tensor | None,
+                delta: Tensor, z: Tensor, read: Tensor, gamma_n: Tensor, last_w: Tensor, c_prev_eta: Tensor,
                 gamma_prev: Tensor, decay_eta: Tensor, decay_last_eta: Tensor, b_prev: Tensor | None,
                 b_n: Tensor | None, e_n: Tensor | None, step_w: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+        gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev, kernel)
         rows = torch.addcmul(delta * last_w, p, decay_last_eta)
         new_w = gamma_n * w0 - rows.transpose(-1, -2) @ z
         new_s = None
@@ -433,21 +449,23 @@ class _DgdLayer(torch.autograd.Function):
         saved = (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta,
                  decay_last_eta, b_prev, b_n, e_n, step_w)
         ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # None entries are allowed
+        ctx.kernel = kernel  # type: ignore[attr-defined]
         return new_w, new_s
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, g_w: Tensor, g_s: Tensor | None,
                  ) -> tuple[Tensor | None, ...]:
         with torch.autocast(g_w.device.type, enabled=False):
-            return _DgdLayer._backward(ctx.saved_tensors, g_w, g_s)  # type: ignore[attr-defined]
+            return (None, *_DgdLayer._backward(ctx.saved_tensors, g_w, g_s, ctx.kernel))  # type: ignore[attr-defined]
 
     @staticmethod
-    def _backward(saved: tuple[Tensor, ...], g_w: Tensor, g_s: Tensor | None) -> tuple[Tensor | None, ...]:
+    def _backward(saved: tuple[Tensor, ...], g_w: Tensor, g_s: Tensor | None, kernel: bool,
+                  ) -> tuple[Tensor | None, ...]:
         """The gradients of the inputs; without momentum s0 and its factors are ``None`` in ``saved``."""
         (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta, decay_last_eta,
          b_prev, b_n, e_n, step_w) = saved
         if torch.is_grad_enabled():  # double backward: G and P as functions of the inputs
-            gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev)
+            gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev, kernel)
         # Signs are moved onto the small (n, 1) and (1, 1) factors: h = -dL/dR, r = -dL/d(rhs),
         # acc = -dL/dZ (before the Gram term).
         rows = torch.addcmul(delta * last_w, p, decay_last_eta)
@@ -465,7 +483,7 @@ class _DgdLayer(torch.autograd.Function):
             g_bn = (g_w * s0).sum((-2, -1), keepdim=True)
             g_en = (g_s * s0).sum((-2, -1), keepdim=True)
         system = decay_eta * gram
-        r = torch.linalg.solve_triangular(system.transpose(-1, -2), h * decay_last_eta, upper=True, unitriangular=True)
+        r = _solve(system, h * decay_last_eta, True, kernel)
         g_system = (r @ p.transpose(-1, -2)).sum_to_size(system.shape).tril(-1)
         q = r @ delta.transpose(-1, -2)  # -dL/dA
         g_delta = g_delta - (c_prev_eta * gram).transpose(-1, -2) @ r
@@ -639,6 +657,8 @@ class SelfRefTitans(nn.Module):
         c, spec = self.config, self.config.spec()
         if state is None:
             state = self.initial_state(x.shape[0])
+        if c.compile and x.device.type == "cpu":  # before the compiled chunks, which call it
+            cpu_kernels.load(COMPILE_OPTION)
         xh, q, cache = self.project(x, state.conv_cache)
         log_momentum = self.log_momentum()
         n_new = x.shape[1]
@@ -662,7 +682,7 @@ class SelfRefTitans(nn.Module):
             grads = l2_loss_grads(group.weights.layers, tw.k.unsqueeze(-3), v_hat, spec)
             log_beta = None if log_momentum is None else log_momentum[0].unsqueeze(-1).expand(-1, -1, end - start)
             return out, dgd_chunk_update(group, grads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
-                                         log_beta, c.dgd)
+                                         log_beta, c.dgd, c.compile)
 
         outs, other = chunk_scan(state.other, x_stream.shape[-2], p_other, c.other_chunk_size, other_step)
         d = c.head_dim
@@ -691,7 +711,7 @@ class SelfRefTitans(nn.Module):
             grads = l2_loss_grads(group.weights.layers, w.k, v_hat, spec)
             with torch.no_grad():  # a metric: no graph
                 surprise.append(grads.sq_norm())
-            return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd)
+            return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd, c.compile)
 
         outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
         o = torch.cat(outs, dim=-2) if outs else q
@@ -812,7 +832,7 @@ def _aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor
                           tuple(t[..., min(n_other, t.shape[-3] - 1), :, :] for t in grads.inputs)).sq_norm()
     new = _dgd_chunk_update(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
                             grads, reads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
-                            None if decay is None else _MomentumDecay(*decay), c.dgd)
+                            None if decay is None else _MomentumDecay(*decay), c.dgd, c.compile)
     return (memory_out[..., 0, :, :], pack, sq, new.weights.layers,
             None if new.momentum is None else new.momentum.layers)
 
