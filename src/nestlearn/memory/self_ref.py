@@ -119,7 +119,9 @@ class SelfRefTitansConfig:
     own setting) through ``torch.compile``, which fuses the many elementwise passes over the
     ``(B, H, 5, C, C)`` and ``(B, H, 5, d, d)`` tensors of forward and backward (1.7× at 2
     threads, 2× at 1 on a 2-core CPU). Layers of one config share one compiled step; the first
-    call compiles it (seconds to a minute, cached on disk by inductor). Its backward cannot
+    call compiles it (seconds to a minute, cached on disk by inductor). On CPU it also solves
+    the DGD systems, in every path, with nestlearn's C++ kernel (``cpu_kernels``: built on
+    first use, ~30 s, cached; 1.13× on the pilot's layer). Its backward cannot
     itself be differentiated (``create_graph``): leave it off for meta-objectives through the
     model. ``activation_budget`` (with ``compile``): the fraction of the compiled chunk's
     activations kept for backward (``torch._functorch.config.activation_memory_budget``);
