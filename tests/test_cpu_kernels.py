@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from nestlearn.memory import cpu_kernels, self_ref
+from nestlearn.memory import cpu_kernels
 
 OPTION = "model.self_ref.compile"
 SHAPES = [  # (system, right-hand sides): shared over the stacked memories, full, broadcast, one system
@@ -52,4 +52,3 @@ def test_a_failed_build_is_one_line_naming_the_option(monkeypatch: pytest.Monkey
 
 def test_the_source_ships_with_the_package() -> None:
     assert cpu_kernels.SOURCE.is_file()
-    assert self_ref.cpu_kernels is cpu_kernels

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from nestlearn.utils.compiling import first_line
+
 SOURCE = Path(__file__).parent / "csrc" / "unit_triangular.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -52,10 +54,8 @@ def build(option: str) -> None:
         cpp_extension.load(f"nestlearn_cpu_kernels_{_machine_tag()}", [str(SOURCE)], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as exc:
-        cause = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise RuntimeError(f"{option}=true: building nestlearn's C++ CPU kernel failed "
-                           f"({type(exc).__name__}: {cause}); set {option}=false, or install a "
-                           "C++ compiler with OpenMP") from exc
+        raise RuntimeError(f"{option}=true: building nestlearn's C++ CPU kernel failed ({first_line(exc)}); "
+                           f"set {option}=false, or install a C++ compiler with OpenMP") from exc
 
 
 def _solve_shape(system: Tensor, rhs: Tensor, transpose: bool) -> Tensor:

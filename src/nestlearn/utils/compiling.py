@@ -18,7 +18,13 @@ def call_compiled(option: str, step: Callable[..., T], *args: object) -> T:
     try:
         return step(*args)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
-        cause = str(exc.inner_exception).strip().splitlines() or [""]
-        raise RuntimeError(f"{option}=true: torch.compile failed ({type(exc.inner_exception).__name__}: "
-                           f"{cause[0][:200]}); set {option}=false, or install what torch.compile "
-                           "needs (a C++ compiler on CPU, triton on GPU)") from exc
+        raise RuntimeError(f"{option}=true: torch.compile failed ({first_line(exc.inner_exception)}); "
+                           f"set {option}=false, or install what torch.compile needs (a C++ compiler "
+                           "on CPU, triton on GPU)") from exc
+
+
+def first_line(exc: BaseException | None) -> str:
+    """``Type: first line of the message`` (at most 200 characters): the cause in a one-line
+    error, instead of a compiler's page of log."""
+    lines = str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0][:200]}"
