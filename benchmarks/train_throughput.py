@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nestlearn.config import ConfigError, RunConfig, load_config
 from nestlearn.models import LanguageModel, build
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
+from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
 from nestlearn.utils.seeding import seed_everything
@@ -308,6 +309,7 @@ def load_named(spec: str, overrides: list[str]) -> RunConfig | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flushed = flush_subnormals()  # as training does (train.flush_subnormals); before the thread pool
+    retained = retain_freed_memory()  # as training does (train.retain_freed_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(), "matmul_size": args.matmul_size,
                     "peak_flops": peaks},
         "settings": {"steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
-                     "flush_subnormals": flushed, "flop_count": args.flop_count},
+                     "flush_subnormals": flushed,
+                     "retain_freed_memory": retained, "flop_count": args.flop_count},
         "results": rows,
     })
     print(f"wrote {args.out}")

@@ -18,6 +18,7 @@ from nestlearn.config.schema import RunConfig
 from nestlearn.data import PreparedData, prepare_data
 from nestlearn.eval.report import write_report
 from nestlearn.train.trainer import Trainer
+from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
 from nestlearn.utils.seeding import seed_everything
@@ -52,6 +53,8 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     cfg = with_vocab(cfg, data)
     if cfg.train.flush_subnormals:  # first: the thread pool inherits it when it starts
         flush_subnormals()
+    if cfg.train.retain_freed_memory:
+        retain_freed_memory()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)

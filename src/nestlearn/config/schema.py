@@ -379,6 +379,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     flush_subnormals: bool = True  # FTZ/DAZ on CPU: the memories' decays make subnormals (utils.numerics)
+    retain_freed_memory: bool = True  # glibc keeps freed memory for reuse: no page faults per step (utils.host_memory)
 
     def check(self, where: str) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
