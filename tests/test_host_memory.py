@@ -44,8 +44,10 @@ def test_retained_memory_is_reused_without_faulting_pages_in() -> None:
     applied, faults = faults_per_step(retain=True)
     if not applied:
         pytest.skip("not glibc: retain_freed_memory is a no-op here")
-    # ~84,000 faults per step (330 MB) with glibc's defaults on the project's machine
-    assert faults < 1_000, f"{faults} page faults per step, {faults_per_step(retain=False)[1]} by default"
+    # glibc's defaults: ~84,000-92,000 faults per step (330 MB) on the project's machine;
+    # kept: 0 alone, ~3,000 beside a busy test run
+    default = faults_per_step(retain=False)[1]
+    assert faults < max(1_000, default // 10), f"{faults} page faults per step, {default} by default"
 
 
 @pytest.mark.parametrize("retain", [True, False])
