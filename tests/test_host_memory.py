@@ -1,17 +1,12 @@
-"""Keeping freed memory (``utils.host_memory``): training steps stop faulting pages in, and training
-sets it unless told not to."""
+"""Keeping freed memory (``utils.host_memory``): training steps stop faulting pages in (that training
+sets it: ``test_numerics``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
-from typing import Any
 
 import pytest
-
-from nestlearn import pipeline
-from nestlearn.config import RunConfig
 
 # Page faults per training step of a small MLP (~300 MB of activations and gradients per step,
 # in blocks of 8-32 MB), after two warm-up steps; the first line says whether the call applied.
@@ -48,14 +43,3 @@ def test_retained_memory_is_reused_without_faulting_pages_in() -> None:
     # kept: 0 alone, ~3,000 beside a busy test run
     default = faults_per_step(retain=False)[1]
     assert faults < max(1_000, default // 10), f"{faults} page faults per step, {default} by default"
-
-
-@pytest.mark.parametrize("retain", [True, False])
-def test_training_retains_freed_memory_unless_told_not_to(retain: bool, tiny_cfg: RunConfig, tiny_prepared: Any,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[bool] = []
-    monkeypatch.setattr(pipeline, "retain_freed_memory", lambda: calls.append(True) or True)
-    cfg = dataclasses.replace(tiny_cfg, name=f"retain_{retain}", train=dataclasses.replace(
-        tiny_cfg.train, steps=1, eval_every=1, eval_batches=1, ckpt_every=1, retain_freed_memory=retain))
-    pipeline.train(cfg, tiny_prepared, resume=None, log=lambda _msg: None)
-    assert calls == ([True] if retain else [])

@@ -1,4 +1,5 @@
-"""Flushing subnormal floats (``utils.numerics``): every intra-op thread, and training sets it."""
+"""Flushing subnormal floats (``utils.numerics``) reaches every intra-op thread; training sets it and
+keeps freed memory (``utils.host_memory``) unless told not to."""
 
 from __future__ import annotations
 
@@ -38,12 +39,15 @@ def test_flush_subnormals_reaches_every_intra_op_thread() -> None:
     assert flushed == [0, 0]
 
 
-@pytest.mark.parametrize("flush", [True, False])
-def test_training_flushes_subnormals_unless_told_not_to(flush: bool, tiny_cfg: RunConfig, tiny_prepared: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("switch", ["flush_subnormals", "retain_freed_memory"])
+@pytest.mark.parametrize("on", [True, False])
+def test_training_sets_process_settings_unless_told_not_to(switch: str, on: bool, tiny_cfg: RunConfig,
+                                                           tiny_prepared: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.flush_subnormals`` (``utils.numerics``) and ``train.retain_freed_memory``
+    (``utils.host_memory``) each make ``pipeline.train`` call its setter, or not."""
     calls: list[bool] = []
-    monkeypatch.setattr(pipeline, "flush_subnormals", lambda: calls.append(True) or True)
-    cfg = dataclasses.replace(tiny_cfg, name=f"flush_{flush}", train=dataclasses.replace(
-        tiny_cfg.train, steps=1, eval_every=1, eval_batches=1, ckpt_every=1, flush_subnormals=flush))
+    monkeypatch.setattr(pipeline, switch, lambda: calls.append(True) or True)
+    cfg = dataclasses.replace(tiny_cfg, name=f"{switch}_{on}", train=dataclasses.replace(
+        tiny_cfg.train, steps=1, eval_every=1, eval_batches=1, ckpt_every=1, **{switch: on}))
     pipeline.train(cfg, tiny_prepared, resume=None, log=lambda _msg: None)
-    assert calls == ([True] if flush else [])
+    assert calls == ([True] if on else [])
