@@ -25,13 +25,13 @@ TRIM_THRESHOLD = 2**31 - 1  # the largest (a C int): keep up to ~2 GiB of free h
 
 def retain_freed_memory() -> bool:
     """Keep freed memory in the process for the next allocation (glibc ``mallopt``): blocks up
-    to 32 MiB come from the heap, which grows in 1 GiB steps and keeps up to ~2 GiB of free top. Returns
-    whether it applied (Linux with glibc; elsewhere a no-op).
+    to 32 MiB come from the heap, which grows in 1 GiB steps and keeps up to ~2 GiB of free
+    top. Returns whether it applied (Linux with glibc; elsewhere a no-op).
 
     The process keeps its peak heap size until it exits, as a caching allocator does (torch's on
     GPU, or jemalloc, which PyTorch's CPU tuning guide suggests for the same reason). Measured
-    on the 2-core CPU, per step: Transformer++ pilot 16-17 -> 13.9 s at 1 × 8192 and 1.77 ->
-    1.65 s at 2 × 1024; HOPE pilot 23-24 -> 20-21.7 s at 1 × 8192, no change at 2 × 1024.
+    on the 2-core CPU, per step: Transformer++ pilot 16-17 -> 14.2-14.9 s at 1 × 8192 and 1.77
+    -> 1.65 s at 2 × 1024; HOPE pilot 23-24 -> 19.7-20.9 s at 1 × 8192, no change at 2 × 1024.
     ``pipeline.train`` calls it (``train.retain_freed_memory``), as does the throughput benchmark.
     """
     if not sys.platform.startswith("linux"):
