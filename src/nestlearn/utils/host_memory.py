@@ -30,8 +30,8 @@ def retain_freed_memory() -> bool:
 
     The process keeps its peak heap size until it exits, as a caching allocator does (torch's on
     GPU, or jemalloc, which PyTorch's CPU tuning guide suggests for the same reason). Measured
-    on the 2-core CPU, per step: Transformer++ pilot 16-17 -> 14.2-14.9 s at 1 × 8192 and 1.77
-    -> 1.65 s at 2 × 1024; HOPE pilot 23-24 -> 19.7-20.9 s at 1 × 8192, no change at 2 × 1024.
+    on the 2-core CPU, per step at 1 × 8192: Transformer++ pilot 16-17 -> 14.2-14.9 s, HOPE
+    pilot 23-24 -> 19.7-20.9 s; at 2 × 1024 no change for either (Transformer 1.77 vs 1.76-1.82 s).
     ``pipeline.train`` calls it (``train.retain_freed_memory``), as does the throughput benchmark.
     """
     if not sys.platform.startswith("linux"):
