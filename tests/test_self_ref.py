@@ -412,8 +412,10 @@ def test_compiled_chunk_step_equals_eager() -> None:
     x = inputs(14).requires_grad_()
     y, state = eager(x)
     self_ref._compiled_chunk.cache_clear()
-    y_c, state_c = compiled(x)
+    with profile() as prof:
+        y_c, state_c = compiled(x)
     assert self_ref._compiled_chunk.cache_info().currsize == 1  # the compiled step did run
+    assert any(e.key == "nestlearn::batched_matmul" for e in prof.key_averages())  # its products too
     torch.testing.assert_close(y_c, y, rtol=1e-9, atol=1e-10)
     assert_states_close(state_c, state)
     grads = torch.autograd.grad(y.square().sum(), [x, *eager.parameters()])
@@ -426,17 +428,17 @@ def test_compiled_chunk_step_equals_eager() -> None:
     assert_states_close(end, state)
 
 
-def test_layer_with_the_kernel_equals_torch_solves() -> None:
+def test_layer_with_the_kernels_equals_torch() -> None:
     """``compile=True`` on the general path (unequal chunk sizes: eager, no torch.compile) solves
-    its DGD systems with the kernel: the same outputs, first and second derivatives as with
-    torch's solves, in float64."""
+    its DGD systems and makes the DGD update's products with the kernels: the same outputs,
+    first and second derivatives as with torch's solves and products, in float64."""
     plain = make_layer(other_chunk_size=4, memory_chunk_size=2)
     kernel = compiled_twin(plain)
     x = inputs(11).requires_grad_()
     y = plain(x)[0]
     with profile() as prof:
         y_k = kernel(x)[0]
-    assert any(e.key == "nestlearn::unit_triangular_solve" for e in prof.key_averages())
+    assert {"nestlearn::unit_triangular_solve", "nestlearn::batched_matmul"} <= {e.key for e in prof.key_averages()}
     torch.testing.assert_close(y_k, y, rtol=1e-12, atol=1e-12)
     params = [x, *plain.parameters()]
     grads = torch.autograd.grad(y.square().sum(), params, create_graph=True)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nestlearn.memory import cpu_kernels
+
 Activation = Literal["silu", "gelu"]
 
 
@@ -91,16 +93,19 @@ def activation_second_derivative(u: Tensor, activation: Activation) -> Tensor:
     return pdf * (2 - u * u)
 
 
-def linear(w: Tensor, a: Tensor) -> Tensor:
-    """``W a`` for a batch of row vectors: w ``(..., out, in)``, a ``(..., n, in)``."""
-    return a @ w.transpose(-1, -2)
+def linear(w: Tensor, a: Tensor, kernel: str | None = None) -> Tensor:
+    """``W a`` for a batch of row vectors: w ``(..., out, in)``, a ``(..., n, in)``. ``kernel``:
+    the config switch under which the product runs on nestlearn's CPU kernel
+    (``cpu_kernels.matmul``, which names it if the build fails); ``None``: torch's."""
+    return cpu_kernels.matmul(a, w.transpose(-1, -2), kernel)
 
 
-def mlp_forward(layers: Sequence[Tensor], x: Tensor, spec: MemoryMLPSpec) -> Tensor:
-    """M(x) (the retrieval M*(q) of Eq. 15 when x = q): layers ``(..., out, in)``, x ``(..., n, d)``."""
+def mlp_forward(layers: Sequence[Tensor], x: Tensor, spec: MemoryMLPSpec, kernel: str | None = None) -> Tensor:
+    """M(x) (the retrieval M*(q) of Eq. 15 when x = q): layers ``(..., out, in)``, x ``(..., n, d)``;
+    ``kernel`` as in ``linear``."""
     a = x
     for i, w in enumerate(layers):
-        a = linear(w, a)
+        a = linear(w, a, kernel)
         if i < len(layers) - 1:
             a = activate(a, spec.activation)
     return a + x if spec.residual else a

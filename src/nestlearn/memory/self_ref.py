@@ -121,7 +121,9 @@ class SelfRefTitansConfig:
     threads, 2× at 1 on a 2-core CPU). Layers of one config share one compiled step; the first
     call compiles it (seconds to a minute, cached on disk by inductor). On CPU it also solves
     the DGD systems, in every path, with nestlearn's C++ kernel (``cpu_kernels``: built on
-    first use, ~30 s, cached; 1.13× on the pilot's layer). Its backward cannot
+    first use, ~40 s, cached; 1.13× on the pilot's layer), and makes the memories' small
+    products (the compiled chunk's and the DGD update's) with its batched matmul (1.11-1.12× on
+    the pilot's layer at budgets 0.5-1.0 on a Zen 4 CPU, none at 0.2). Its backward cannot
     itself be differentiated (``create_graph``): leave it off for meta-objectives through the
     model. ``activation_budget`` (with ``compile``): the fraction of the compiled chunk's
     activations kept for backward (``torch._functorch.config.activation_memory_budget``);
@@ -277,7 +279,7 @@ def _dgd_chunk_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tenso
     reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     if state.momentum is not None and momentum is None:
         raise ValueError("a group with momentum needs its momentum decay")
-    decays = _ChunkDecays.build(log_alpha, momentum if state.momentum is not None else None)
+    decays = _ChunkDecays.build(log_alpha, momentum if state.momentum is not None else None, kernel)
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
@@ -329,7 +331,7 @@ class _ChunkDecays:
     momentum: _MomentumDecay | None
 
     @staticmethod
-    def build(log_alpha: Tensor, momentum: _MomentumDecay | None) -> _ChunkDecays:
+    def build(log_alpha: Tensor, momentum: _MomentumDecay | None, kernel: bool = False) -> _ChunkDecays:
         n = log_alpha.shape[-1]
         # [t, 0] = γ_t, [t, s] = γ_t / γ_s for t = 0..n (0 = chunk start)
         gamma, decay = segment_sums(log_alpha).exp().split_with_sizes([1, n], dim=-1)
@@ -337,7 +339,7 @@ class _ChunkDecays:
         decay_prev, decay_last = decay.split_with_sizes([n, 1], dim=-2)
         if momentum is None:  # c_{t,j} = γ_t / γ_j without momentum
             return _ChunkDecays(gamma_n, gamma_prev, decay_prev, decay_last, decay_prev, decay_last, None, None, None)
-        b, c = (decay @ momentum.rows).split_with_sizes([1, n], dim=-1)  # b_t, c_{t,j}
+        b, c = _matmul(decay, momentum.rows, kernel).split_with_sizes([1, n], dim=-1)  # b_t, c_{t,j}
         b_prev, b_n = b.split_with_sizes([n, 1], dim=-2)
         c_prev, c_last = c.split_with_sizes([n, 1], dim=-2)
         return _ChunkDecays(gamma_n, gamma_prev, decay_prev, decay_last, c_prev, c_last, b_prev, b_n, momentum)
@@ -377,7 +379,7 @@ def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Te
     """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
     leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
     if co.dgd:
-        args = (w0, s0, delta, z, linear(w0, z) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
+        args = (w0, s0, delta, z, linear(w0, z, _option(kernel)) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
                 co.gamma_prev, co.decay_eta, co.decay_last_eta, co.b_prev, co.b_n, co.e_n, co.step_w)
         # One dtype inside (autocast mixes bf16 products with fp32 weights); autograd casts back.
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in args if t is not None))
@@ -385,11 +387,21 @@ def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Te
             out: tuple[Tensor, Tensor | None] = _DgdLayer.apply(  # type: ignore[no-untyped-call]
                 kernel, *(None if t is None else t.to(dtype) for t in args))
         return out
-    update = (delta * co.last_w).transpose(-1, -2) @ z
+    update = _matmul((delta * co.last_w).transpose(-1, -2), z, kernel)
     if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
         return co.gamma_n * w0 - update, None
     return (co.gamma_n * w0 + co.b_n * s0 - update,
-            co.e_n * s0 - (delta * co.step_w).transpose(-1, -2) @ z)
+            co.e_n * s0 - _matmul((delta * co.step_w).transpose(-1, -2), z, kernel))
+
+
+def _option(kernel: bool) -> str | None:
+    """The config switch that turns nestlearn's CPU kernels on, for ``cpu_kernels.matmul``."""
+    return COMPILE_OPTION if kernel else None
+
+
+def _matmul(a: Tensor, b: Tensor, kernel: bool) -> Tensor:
+    """``a @ b``; with ``kernel``, CPU float products run on ``cpu_kernels.matmul``."""
+    return cpu_kernels.matmul(a, b, _option(kernel))
 
 
 def _row_sum(x: Tensor) -> Tensor:
@@ -429,10 +441,10 @@ class _DgdLayer(torch.autograd.Function):
     def solve(s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor, c_prev_eta: Tensor, gamma_prev: Tensor,
               decay_eta: Tensor, b_prev: Tensor | None, kernel: bool) -> tuple[Tensor, Tensor]:
         """G and P (the DGD terms p_t)."""
-        gram = z @ z.transpose(-1, -2)
-        rhs = torch.addcmul((c_prev_eta * gram) @ delta, gamma_prev, read)
+        gram = _matmul(z, z.transpose(-1, -2), kernel)
+        rhs = torch.addcmul(_matmul(c_prev_eta * gram, delta, kernel), gamma_prev, read)
         if s0 is not None and b_prev is not None:
-            rhs = rhs + linear(s0, b_prev * z)
+            rhs = rhs + linear(s0, b_prev * z, _option(kernel))
         return gram, _solve(decay_eta * gram, rhs, False, kernel)
 
     @staticmethod
@@ -442,12 +454,12 @@ class _DgdLayer(torch.autograd.Function):
                 b_n: Tensor | None, e_n: Tensor | None, step_w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         gram, p = _DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev, kernel)
         rows = torch.addcmul(delta * last_w, p, decay_last_eta)
-        new_w = gamma_n * w0 - rows.transpose(-1, -2) @ z
+        new_w = gamma_n * w0 - _matmul(rows.transpose(-1, -2), z, kernel)
         new_s = None
         if s0 is not None:
             assert b_n is not None and e_n is not None and step_w is not None
             new_w = new_w + b_n * s0
-            new_s = e_n * s0 - (delta * step_w).transpose(-1, -2) @ z
+            new_s = e_n * s0 - _matmul((delta * step_w).transpose(-1, -2), z, kernel)
         saved = (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta,
                  decay_last_eta, b_prev, b_n, e_n, step_w)
         ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # None entries are allowed
@@ -471,14 +483,14 @@ class _DgdLayer(torch.autograd.Function):
         # Signs are moved onto the small (n, 1) and (1, 1) factors: h = -dL/dR, r = -dL/d(rhs),
         # acc = -dL/dZ (before the Gram term).
         rows = torch.addcmul(delta * last_w, p, decay_last_eta)
-        h = z @ g_w.transpose(-1, -2)
-        acc = rows @ g_w
+        h = _matmul(z, g_w.transpose(-1, -2), kernel)
+        acc = _matmul(rows, g_w, kernel)
         g_delta = h * -last_w
         g_s0 = g_bp = g_bn = g_en = g_sw = None
         if s0 is not None:
             assert g_s is not None
-            h_s = z @ g_s.transpose(-1, -2)
-            acc = acc + (delta * step_w) @ g_s
+            h_s = _matmul(z, g_s.transpose(-1, -2), kernel)
+            acc = acc + _matmul(delta * step_w, g_s, kernel)
             g_delta = torch.addcmul(g_delta, h_s, step_w, value=-1)
             g_sw = -_row_sum(h_s * delta)
             g_s0 = torch.addcmul(b_n * g_w, e_n, g_s)
@@ -486,16 +498,16 @@ class _DgdLayer(torch.autograd.Function):
             g_en = (g_s * s0).sum((-2, -1), keepdim=True)
         system = decay_eta * gram
         r = _solve(system, h * decay_last_eta, True, kernel)
-        g_system = (r @ p.transpose(-1, -2)).sum_to_size(system.shape).tril(-1)
-        q = r @ delta.transpose(-1, -2)  # -dL/dA
-        g_delta = g_delta - (c_prev_eta * gram).transpose(-1, -2) @ r
+        g_system = _matmul(r, p.transpose(-1, -2), kernel).sum_to_size(system.shape).tril(-1)
+        q = _matmul(r, delta.transpose(-1, -2), kernel)  # -dL/dA
+        g_delta = g_delta - _matmul((c_prev_eta * gram).transpose(-1, -2), r, kernel)
         g_gram = (g_system * decay_eta).sum_to_size(gram.shape) - (q * c_prev_eta).sum_to_size(gram.shape)
         if s0 is not None:
-            u = r @ s0
+            u = _matmul(r, s0, kernel)
             acc = torch.addcmul(acc, b_prev, u)
             g_bp = -_row_sum(z * u)
-            g_s0 = g_s0 - (b_prev * r).transpose(-1, -2) @ z
-        g_z = (g_gram + g_gram.transpose(-1, -2)) @ z - acc.sum_to_size(z.shape)
+            g_s0 = g_s0 - _matmul((b_prev * r).transpose(-1, -2), z, kernel)
+        g_z = _matmul(g_gram + g_gram.transpose(-1, -2), z, kernel) - acc.sum_to_size(z.shape)
 
         def fit(g: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if g is None or like is None else g.sum_to_size(like.shape)
@@ -823,12 +835,12 @@ def _aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor
     spec, n_other = c.spec(), len(c.generated)
     n = xs.shape[-2]
     inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]), qs.unsqueeze(-3)], dim=-3)
-    other_out, memory_out = mlp_forward(weights, inp, spec).split_with_sizes([n_other, 1], dim=-3)
+    other_out, memory_out = mlp_forward(weights, inp, spec, _option(c.compile)).split_with_sizes([n_other, 1], dim=-3)
     tw = token_writes(c, other_out, xs, readout_weight, readout_bias, to_k, to_v)
     pack = torch.cat([tw.k, tw.v, tw.eta.unsqueeze(-1), tw.log_alpha.unsqueeze(-1)], dim=-1)
     if not complete:
         return memory_out[..., 0, :, :], pack, None, None, None
-    grads, reads = _target_grads(weights, tw.v, tw.k, spec)
+    grads, reads = _target_grads(weights, tw.v, tw.k, spec, c.compile)
     with torch.no_grad():  # a metric of M_memory's inner loop: no graph
         sq = RankOneGrads(tuple(t[..., n_other, :, :] for t in grads.deltas),
                           tuple(t[..., min(n_other, t.shape[-3] - 1), :, :] for t in grads.inputs)).sq_norm()
@@ -854,7 +866,7 @@ def _compiled_chunk(c: SelfRefTitansConfig) -> Callable[..., ChunkOut]:
     return run
 
 
-def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: MemoryMLPSpec,
+def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: MemoryMLPSpec, kernel: bool,
                   ) -> tuple[RankOneGrads, tuple[Tensor, ...]]:
     """Closed-form gradients of ℓ = ||M(k_t) - v̂_t||² with each memory's own target v̂ = M(v_t):
     the same as ``l2_loss_grads(layers, k, mlp_forward(layers, v))``. v, k ``(B, H, n, d)``,
@@ -867,13 +879,13 @@ def _target_grads(layers: tuple[Tensor, ...], v: Tensor, k: Tensor, spec: Memory
     depth = len(layers)
     for i, w in enumerate(layers):
         inputs.append(a_k)  # z^(1) = k_t, shared by the stacked memories
-        u_v, u_k = linear(w, a_v), linear(w, a_k)
+        u_v, u_k = linear(w, a_v, _option(kernel)), linear(w, a_k, _option(kernel))
         pre.append(u_k)
         a_v, a_k = (activate(u_v, spec.activation), activate(u_k, spec.activation)) if i < depth - 1 else (u_v, u_k)
     diff = a_k - a_v
     delta = 2 * (diff + (k - v).unsqueeze(-3) if spec.residual else diff)
     deltas = [delta]
     for i in range(depth - 1, 0, -1):
-        delta = (delta @ layers[i]) * activation_derivative(pre[i - 1], spec.activation)
+        delta = _matmul(delta, layers[i], kernel) * activation_derivative(pre[i - 1], spec.activation)
         deltas.append(delta)
     return RankOneGrads(tuple(reversed(deltas)), tuple(inputs)), tuple(pre)
