@@ -129,7 +129,7 @@ class SelfRefTitansConfig:
     activations kept for backward (``torch._functorch.config.activation_memory_budget``);
     below 1 the partitioner recomputes the cheapest of the rest in backward. The saved
     activations are what limit sequence length: at the pilot's width (8 heads of 64), per token
-    and layer, 322 KB with 1.0, 185 KB with 0.5 and 63 KB with 0.2 (the layer 1.12× and 1.19×
+    and layer, 322 KB with 1.0, 185 KB with 0.5 and 63 KB with 0.2 (the layer ~1.04× and ~1.18×
     slower than at 1.0 with the C++ products on a Zen 4 CPU).
     """
 
