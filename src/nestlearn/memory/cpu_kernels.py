@@ -9,7 +9,7 @@
 * ``matmul``: the memories' many small products (64 × 64 blocks batched over batch × heads ×
   memories) through oneDNN's small-GEMM micro-kernel, one matrix at a time
   (``csrc/batched_matmul.cpp``), instead of MKL's batched GEMM, which packs every operand; with
-  operands that no longer sit in cache, as in the chunk step, ~1.4× faster on a Zen 4 CPU. It
+  operands that no longer sit in cache, as in the chunk step, ~1.25× faster on a Zen 4 CPU. It
   has autograd (its backward is two more of its products), so traced code uses it throughout.
 
 The compiled path (``model.self_ref.compile``), which already needs a C++ compiler, uses both;

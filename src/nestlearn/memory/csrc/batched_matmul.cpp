@@ -3,7 +3,7 @@
 //
 // torch.bmm hands these to MKL's batched sgemm, which packs both operands of every 64 x 64
 // product before multiplying; when the operands come from L3 or memory (the chunk step's working
-// set is larger than L3) that ran at ~110 GFLOP/s on a 2-core AMD EPYC (Zen 4) against ~160 for
+// set is larger than L3) that ran at ~115 GFLOP/s on a 2-core AMD EPYC (Zen 4) against ~144 for
 // oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm) called per matrix here.
 // Operands may be transposed views (a column-major matrix is copied to a row-major buffer first)
 // and broadcast over batch dims (stride 0: no expanded copy). float64 uses a plain loop (tests);
