@@ -13,7 +13,7 @@
   has autograd (its backward is two more of its products), so traced code uses it throughout.
 
 The compiled path (``model.self_ref.compile``), which already needs a C++ compiler, uses both;
-they are built once per machine and source (``torch.utils.cpp_extension`` caches the build; ~40 s
+they are built once per machine and source (``torch.utils.cpp_extension`` caches the build; 10-40 s
 the first time).
 """
 

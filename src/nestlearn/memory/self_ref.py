@@ -121,7 +121,7 @@ class SelfRefTitansConfig:
     threads, 2× at 1 on a 2-core CPU). Layers of one config share one compiled step; the first
     call compiles it (seconds to a minute, cached on disk by inductor). On CPU it also solves
     the DGD systems, in every path, with nestlearn's C++ kernel (``cpu_kernels``: built on
-    first use, ~40 s, cached; 1.13× on the pilot's layer), and makes the memories' small
+    first use, 10-40 s, cached; 1.13× on the pilot's layer), and makes the memories' small
     products (the compiled chunk's and the DGD update's) with its batched matmul (1.11-1.12× on
     the pilot's layer at budgets 0.5-1.0 on a Zen 4 CPU, none at 0.2). Its backward cannot
     itself be differentiated (``create_graph``): leave it off for meta-objectives through the
