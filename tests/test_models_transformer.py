@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import overfit
 from nestlearn.config import ModelConfig
 from nestlearn.models import KVCache, TransformerPP, build
-from nestlearn.models.layers import RotaryEmbedding, apply_rotary, swiglu_hidden
+from nestlearn.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, swiglu_hidden
 
 V, D, L, H = 50, 16, 2, 2
 
@@ -34,6 +34,29 @@ def test_swiglu_hidden_default() -> None:
     assert swiglu_hidden(16) == 64  # 42.7 -> 64
     assert swiglu_hidden(128) == 352  # 341.3 -> 352
     assert swiglu_hidden(96) == 256  # exactly 256
+
+
+def test_rms_norm_is_x_over_rms_times_gain() -> None:
+    """The fused kernel against the formula, values and gradients, in float64; a bfloat16 input
+    is normalised in float32, rounded to bf16, then scaled by the gain."""
+    torch.manual_seed(0)
+    norm = RMSNorm(D, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True)
+
+    def formula(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+
+    torch.testing.assert_close(norm(x), formula(x, norm.weight))
+    grads = torch.autograd.grad(norm(x).square().sum(), (x, norm.weight))
+    expected = torch.autograd.grad(formula(x, norm.weight).square().sum(), (x, norm.weight))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    xb = (x.detach() * 1e3).bfloat16()  # squares of ~1e6: exact in float32
+    norm.float()
+    unit = torch.ones_like(norm.weight)
+    torch.testing.assert_close(norm(xb), formula(xb.float(), unit).bfloat16() * norm.weight)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -236,18 +236,20 @@ class SelfRefState:
 
 
 @torch.no_grad()
-def self_ref_stats(writes: Writes, surprise_sq: list[Tensor], momentum: MemoryWeights | None,
-                   ) -> MemoryStats | None:
+def self_ref_stats(eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, surprise_sq: list[Tensor],
+                   momentum: MemoryWeights | None) -> MemoryStats | None:
     """M_memory's inner loop over a call's new tokens, as the Titans memory reports it: mean
     inner learning rate η_t (``theta``), momentum decay β (``eta``), forget rate 1 - α_t
     (``alpha``), per-token inner-gradient norm ||∇ℓ|| of the completed chunks
-    (``surprise_norm``) and the chunk-start momentum norm; ``None`` for a call without tokens."""
-    if writes.length == 0:
+    (``surprise_norm``) and the chunk-start momentum norm; ``None`` for a call without tokens.
+    ``eta``, ``log_alpha`` ``(B, H, n)``: the new tokens' η_t and log α_t; ``log_beta``: log β of
+    M_memory per head (``None`` without momentum)."""
+    if eta.shape[-1] == 0:
         return None
-    zero = writes.theta.new_zeros(())
-    beta = writes.log_eta.exp().mean()  # exp(-inf) = 0 without momentum
+    zero = eta.new_zeros(())
+    beta = zero if log_beta is None else log_beta.exp().mean()
     surprise = torch.cat([s.flatten() for s in surprise_sq]).sqrt().mean() if surprise_sq else zero
-    return MemoryStats(theta=writes.theta.mean(), eta=beta, alpha=1 - writes.log_keep.exp().mean(),
+    return MemoryStats(theta=eta.mean(), eta=beta, alpha=1 - log_alpha.exp().mean(),
                        surprise_norm=surprise,
                        momentum_norm=zero if momentum is None else momentum.sq_norm().sqrt().mean())
 
@@ -734,7 +736,8 @@ class SelfRefTitans(nn.Module):
         new_state = SelfRefState(
             other, x_stream[..., total_other - total_other % c.other_chunk_size:, :], memory,
             stream.slice(stream.length - stream.length % c.memory_chunk_size, stream.length), cache,
-            self_ref_stats(writes, surprise, memory.momentum))
+            self_ref_stats(eta, writes.log_keep, None if log_momentum is None else log_momentum[1], surprise,
+                           memory.momentum))
         return self.readout(o), new_state
 
     def _forward_aligned(self, xh: Tensor, q: Tensor, state: SelfRefState,
@@ -747,8 +750,9 @@ class SelfRefTitans(nn.Module):
         c = self.config
         n_other = len(self.generated)
         p = state.other_buffer.shape[-2]
-        x_stream = torch.cat([state.other_buffer, xh], dim=-2)
-        q_stream = F.pad(q, (0, 0, p, 0))  # buffered tokens' queries are never read
+        # (no copies of the whole sequence when nothing is buffered, as in training)
+        x_stream = torch.cat([state.other_buffer, xh], dim=-2) if p else xh
+        q_stream = F.pad(q, (0, 0, p, 0)) if p else q  # buffered tokens' queries are never read
         total = x_stream.shape[-2]
         chunk = c.memory_chunk_size
 
@@ -768,7 +772,8 @@ class SelfRefTitans(nn.Module):
         compiled = _compiled_chunk(c) if c.compile else None
         outs: list[Tensor] = []
         surprise: list[Tensor] = []
-        packs: list[Tensor] = []
+        rates: list[Tensor] = []  # [η_t, log α_t] of the new tokens, for the stats
+        tail = xh.new_zeros(*xh.shape[:-2], 0, 2 * c.head_dim + 2)  # the writes of an unfinished last chunk
         sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
         for start, xs, qs in zip(range(0, total, chunk), x_stream.split_with_sizes(sizes, dim=-2),
                                  q_stream.split_with_sizes(sizes, dim=-2), strict=True):
@@ -785,7 +790,9 @@ class SelfRefTitans(nn.Module):
                 o, pack, sq, new_weights, new_momentum = _aligned_chunk(c, complete, weights, momentum, decay, xs,
                                                                         qs, *params)
             outs.append(o[..., first:, :])
-            packs.append(pack[..., first:, :])
+            rates.append(pack[..., first:, 2 * c.head_dim:])
+            if not complete:
+                tail = pack[..., first:, :]
             if sq is not None and new_weights is not None:
                 surprise.append(sq)
                 weights, momentum = new_weights, new_momentum
@@ -800,18 +807,21 @@ class SelfRefTitans(nn.Module):
         other_s, memory_s = unstack(momentum)
         assert other_w is not None and memory_w is not None
         d = c.head_dim
-        packed = torch.cat(packs, dim=-2) if packs else xh.new_zeros(*xh.shape[:-1], 2 * d + 2)
-        eta_all = packed[..., 2 * d]
-        log_beta_mem = (torch.full_like(eta_all, -math.inf) if log_momentum is None
-                        else log_momentum[1][:, None].expand_as(eta_all))
-        writes = Writes(packed[..., :d], packed[..., d:2 * d], eta_all, log_beta_mem, packed[..., 2 * d + 1])
-        stream = state.memory_buffer.cat(writes)
+        with torch.no_grad():
+            rate = torch.cat(rates, dim=-2) if rates else xh.new_zeros(*xh.shape[:-1], 2)
+        # M_memory's buffer: the writes of the last chunk if unfinished, the buffered ones first
+        # when that chunk began before this call (only the writes of new tokens were kept)
+        start = total - total % chunk
+        kept = state.memory_buffer if start < p else state.memory_buffer.slice(0, 0)
+        log_beta_mem = (torch.full_like(tail[..., 2 * d], -math.inf) if log_momentum is None
+                        else log_momentum[1][:, None].expand_as(tail[..., 2 * d]))
+        buffer = kept.cat(Writes(tail[..., :d], tail[..., d:2 * d], tail[..., 2 * d], log_beta_mem,
+                                 tail[..., 2 * d + 1]))
         o = torch.cat(outs, dim=-2) if outs else q
         new_state = SelfRefState(
-            GroupState(other_w, other_s), x_stream[..., total - total % chunk:, :],
-            GroupState(memory_w, memory_s),
-            stream.slice(stream.length - stream.length % chunk, stream.length), cache,
-            self_ref_stats(writes, surprise, memory_s))
+            GroupState(other_w, other_s), x_stream[..., start:, :], GroupState(memory_w, memory_s), buffer,
+            cache, self_ref_stats(rate[..., 0], rate[..., 1], None if log_momentum is None else log_momentum[1],
+                                  surprise, memory_s))
         return self.readout(o), new_state
 
 

