@@ -320,8 +320,8 @@ class _ChunkDecays:
     """The factors of a chunk that do not depend on η: with γ_t and the extended momentum sums
     c_{t,j}, b_t of ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0
     = 0), one (n+1)×n product gives every c, and b is its first column times E_1 (parts taken
-    with ``split``: the backward of a slice would zero-fill the whole matrix per slice). Built once per chunk and
-    scaled by each layer's own step (``coefficients``)."""
+    with ``split``: the backward of a slice would zero-fill the whole matrix per slice). Built
+    once per chunk and scaled by each layer's own step (``coefficients``)."""
 
     gamma_n: Tensor  # γ_n, (..., 1, 1)
     gamma_prev: Tensor  # γ_{t-1}, (..., n, 1)
@@ -823,10 +823,10 @@ class SelfRefTitans(nn.Module):
         # when that chunk began before this call (only the writes of new tokens were kept)
         start = total - total % chunk
         kept = state.memory_buffer if start < p else state.memory_buffer.slice(0, 0)
-        log_beta_mem = (torch.full_like(tail[..., 2 * d], -math.inf) if log_momentum is None
-                        else log_momentum[1][:, None].expand_as(tail[..., 2 * d]))
-        buffer = kept.cat(Writes(tail[..., :d], tail[..., d:2 * d], tail[..., 2 * d], log_beta_mem,
-                                 tail[..., 2 * d + 1]))
+        eta_tail = tail[..., 2 * d]
+        log_beta_mem = (torch.full_like(eta_tail, -math.inf) if log_momentum is None
+                        else log_momentum[1][:, None].expand_as(eta_tail))
+        buffer = kept.cat(Writes(tail[..., :d], tail[..., d:2 * d], eta_tail, log_beta_mem, tail[..., 2 * d + 1]))
         o = torch.cat(outs, dim=-2) if outs else q
         new_state = SelfRefState(
             GroupState(other_w, other_s), x_stream[..., start:, :], GroupState(memory_w, memory_s), buffer,
@@ -845,7 +845,8 @@ def _aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor
     """One chunk of ``SelfRefTitans._forward_aligned``: the stacked memories' chunk-start weights
     (and momenta) and the chunk's per-head inputs xs and queries qs ``(B, H, n, d)`` (q not yet
     normalised) -> M_memory's outputs ``(B, H, n, d)``, the packed writes [k, v, η, log α]
-    ``(B, H, n, 2d + 2)`` and, for a ``complete`` chunk, M_memory's per-token squared inner-gradient norms and the end state.
+    ``(B, H, n, 2d + 2)`` and, for a ``complete`` chunk, M_memory's per-token squared
+    inner-gradient norms and the end state.
     ``decay``: the rows, E_n and last factors of ``_MomentumDecay``. A function of tensors only
     (no module), so ``_compiled_chunk`` compiles it once per config."""
     # Read so that torch.compile guards on it (not an assert: ``python -O`` drops those):

@@ -22,8 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel: one pass forward and backward instead of ~6 and ~10 (2.4x on
-        # (8192, 512) fp32 on CPU), the same values.
+        # torch's rms_norm: a fused forward (its backward is torch's own decomposition), the
+        # same values, forward + backward 2.4x faster on (8192, 512) fp32 on CPU
         if x.dtype in (torch.float16, torch.bfloat16):
             # in float32: the mean of squares under/overflows in half precision
             normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
