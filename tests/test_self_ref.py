@@ -517,7 +517,7 @@ def test_a_failed_compile_is_one_line_naming_the_option(monkeypatch: pytest.Monk
     def broken(*_args: object) -> None:
         raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
 
-    monkeypatch.setattr(self_ref, "_compiled_chunk", lambda _config: broken)
+    monkeypatch.setattr(self_ref, "_compiled_chunk", lambda _config, _device: broken)
     compiled = compiled_twin(make_layer(other_chunk_size=4, memory_chunk_size=4))
     with pytest.raises(RuntimeError, match=r"^model\.self_ref\.compile=true: torch\.compile failed "
                                            r"\(OSError: cc1plus: not found\); set model\.self_ref\.compile=false") as err:
