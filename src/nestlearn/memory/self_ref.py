@@ -302,8 +302,8 @@ class _MomentumDecay:
     (s = 1..n): ``first`` = E_s ``(..., n, 1)``, ``ratios`` [s, i] = E_s / E_i ``(..., n, n)``,
     ``e_n`` = E_n ``(..., 1, 1)`` and ``last`` = E_n / E_j ``(..., n)``. β is constant over a
     call, so one build serves every full chunk. Separate tensors, not views of one: as inputs of
-    the compiled chunk each gets its own gradient (a shared one was assembled by a
-    single-threaded copy, ~0.3 ms per chunk at the pilot's shape)."""
+    the compiled chunk each gets its own gradient (a shared one was assembled by a layout-changing
+    copy, ~0.3 ms per chunk at the pilot's shape)."""
 
     first: Tensor
     ratios: Tensor
