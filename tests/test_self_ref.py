@@ -68,6 +68,22 @@ def assert_states_close(a: SelfRefState, b: SelfRefState) -> None:
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
 
 
+def test_segment_differences_equal_segment_sums() -> None:
+    """The chunk's log-decays as differences of one running sum equal ``segment_sums`` (a running
+    sum per column), values and gradients, including the -inf above the diagonal."""
+    from nestlearn.memory.chunked import segment_sums
+
+    x = -torch.rand(2, 3, 9, dtype=F64, requires_grad=True)
+    fast, slow = self_ref._segment_differences(x), segment_sums(x)
+    assert torch.equal(fast.isinf(), slow.isinf())
+    finite = ~slow.isinf()
+    torch.testing.assert_close(fast[finite], slow[finite])
+    weights = torch.randn(fast.shape, dtype=F64)
+    (g_fast,) = torch.autograd.grad(fast.exp().mul(weights).sum(), x)
+    (g_slow,) = torch.autograd.grad(slow.exp().mul(weights).sum(), x)
+    torch.testing.assert_close(g_fast, g_slow)
+
+
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("dgd", [True, False])
 def test_per_token_fast_path_equals_reference(momentum: bool, dgd: bool) -> None:
