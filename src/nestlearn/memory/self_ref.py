@@ -105,7 +105,11 @@ class SelfRefTitansConfig:
     ``depth``/``expansion``/``activation``: every memory M_□ (residual, Eq. 91).
     ``memory_chunk_size`` / ``other_chunk_size``: C of M_memory / of M_k, M_v, M_η, M_α.
     ``momentum``: learned-β momentum inside every memory; ``dgd``: the (α I - η z zᵀ) decay
-    (``False``: plain retention α W). ``qk_norm``: L2-normalise q and k. ``conv_kernel``:
+    (``False``: plain retention α W). ``qk_norm``: L2-normalise q and k. ``v_norm``: L2-normalise
+    v too: not in the paper, but ``hope`` sets it (``model.self_ref.v_norm``), since without it the
+    self-generated targets v̂ = M(v) feed back and, on unit-scale inputs at this initialisation,
+    the memories overflow in context (white noise at the pilot's width: outputs ~1e18 after 256
+    tokens, NaN by 1024); leave it off only with inputs and steps that keep v small. ``conv_kernel``:
     causal depthwise convolution of the inputs, 0 disables. ``eta_max``: bound of η_t.
     ``init_scale``: initial memory weights are N(0, init_scale² / fan_in).
 
