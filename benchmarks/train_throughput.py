@@ -9,7 +9,9 @@ score matrix: at long sequences, where attention dominates, a Transformer's MFU 
 
 All configs are built first and then stepped in rounds, one step of each per round in a rotated
 order; "vs first" is the median over rounds of a config's tokens/s over the first config's in
-the same round (with its interquartile range), the figure to quote on a noisy machine.
+the same round (with its interquartile range), the figure to quote on a noisy machine. A config
+whose loss turns non-finite is dropped from the rounds and flagged, not timed (the speed of a
+model that diverges means nothing), and the script then exits 1.
 
     python benchmarks/train_throughput.py --configs transformer/pilot_smoke,transformer/pilot
     python benchmarks/train_throughput.py --batch-size 1 --seq-len 8192 --flop-count fake \
@@ -114,6 +116,11 @@ class Trial:
     batches: list[torch.Tensor]
     peak: float
     times: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.losses) and not math.isfinite(self.losses[-1])
 
     @property
     def vocab(self) -> int:
@@ -143,7 +150,9 @@ class Trial:
         torch.autograd.backward(loss)
         self.optimizer.step()
         synchronize(device)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.losses.append(float(loss.detach()))
+        return seconds
 
 
 def _solve_triangular_flops(a: torch.Size, b: torch.Size, *args: Any, **kwargs: Any) -> int:
@@ -242,13 +251,19 @@ def run_rounds(trials: list[Trial], args: argparse.Namespace, device: torch.devi
     """``--warmup`` + ``--steps`` rounds; each steps every trial once, in an order rotated per
     round, so that a slow spell of the machine falls on all configs alike."""
     for r in range(args.warmup + args.steps):
-        for trial in trials[r % len(trials):] + trials[:r % len(trials)]:
+        running = [t for t in trials if not t.diverged]
+        if not running:
+            return
+        for trial in running[r % len(running):] + running[:r % len(running)]:
             seconds = trial.step(r, device)
-            if r >= args.warmup:
+            if trial.diverged:
+                print(f"{trial.name}: non-finite loss at step {r + 1}; not timed", file=sys.stderr)
+            elif r >= args.warmup:
                 trial.times.append(seconds)
         if r >= args.warmup:
             print(f"step {r - args.warmup + 1}/{args.steps}: "
-                  + ", ".join(f"{t.name} {t.times[-1] * 1e3:.0f} ms" for t in trials), file=sys.stderr)
+                  + ", ".join(f"{t.name} {t.times[-1] * 1e3:.0f} ms" for t in running if not t.diverged),
+                  file=sys.stderr)
 
 
 def summarise(trial: Trial, base: Trial, flop_count: str) -> dict[str, Any]:
@@ -275,6 +290,7 @@ def summarise(trial: Trial, base: Trial, flop_count: str) -> dict[str, Any]:
         "executed_flops": None if executed is None else tokens_per_s * executed,
         "executed_fraction_of_peak": None if executed is None else tokens_per_s * executed / trial.peak,
         "ratio_vs_first": statistics.median(ratios), "ratio_q25": quartiles[0], "ratio_q75": quartiles[2],
+        "loss_first": trial.losses[0], "loss_last": trial.losses[-1],
         "activation_checkpointing": cfg.train.activation_checkpointing,
         # the process's resident high-water mark (all configs live at once)
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -329,8 +345,13 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"peak {p} matmul {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()))
     trials = [make_trial(n, c, args, device, peaks[c.train.precision]) for n, c in found]
     run_rounds(trials, args, device)
-    rows = [summarise(t, trials[0], args.flop_count) for t in trials]
-    print_table(rows)
+    timed = [t for t in trials if not t.diverged]
+    rows = [summarise(t, timed[0], args.flop_count) for t in timed]
+    if rows:
+        print_table(rows)
+    diverged = {t.name: len(t.losses) for t in trials if t.diverged}
+    for name, step in diverged.items():
+        print(f"{name}: NOT TIMED, non-finite loss at step {step}")
     atomic_write_json(args.out, {
         "machine": {"device": str(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "matmul_size": args.matmul_size,
@@ -339,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                      "flush_subnormals": flushed,
                      "retain_freed_memory": retained, "flop_count": args.flop_count},
         "results": rows,
+        "non_finite_loss_at_step": diverged,
     })
     print(f"wrote {args.out}")
-    return 0
+    return 1 if diverged else 0
 
 
 if __name__ == "__main__":

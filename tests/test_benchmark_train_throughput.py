@@ -86,3 +86,34 @@ def test_an_unknown_config_is_skipped_and_none_left_fails(bench: ModuleType, tmp
     assert bench.main(["--configs", "no/such_config", "--out", str(tmp_path / "x.json")]) == 2
     assert "skipping no/such_config" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_config_with_a_non_finite_loss_is_flagged_not_timed(bench: ModuleType, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The 3-layer config's logits turn NaN from its second step on: it leaves the rounds, the
+    table times only the first config, and the script exits 1 naming it."""
+    make_trial = bench.make_trial
+
+    def poisoned(*args: object, **kwargs: object) -> object:
+        trial = make_trial(*args, **kwargs)
+        if trial.cfg.model.n_layers == 3:
+            calls = [0]
+
+            def hook(_module: object, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+                calls[0] += 1
+                return out * float("nan") if calls[0] >= 2 else out
+
+            trial.model.lm_head.register_forward_hook(hook)
+        return trial
+
+    monkeypatch.setattr(bench, "make_trial", poisoned)
+    out = tmp_path / "tt.json"
+    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=128"]
+    assert bench.main(["--configs", "default,default:model.n_layers=3", "--overrides", *tiny,
+                       "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+                       "--matmul-size", "64", "--flop-count", "off", "--out", str(out)]) == 1
+    written = json.loads(out.read_text())
+    assert [r["config"] for r in written["results"]] == ["default"]
+    assert written["non_finite_loss_at_step"] == {"default:model.n_layers=3": 2}
+    assert "default:model.n_layers=3: NOT TIMED, non-finite loss at step 2" in capsys.readouterr().out

@@ -147,7 +147,7 @@ def test_a_failed_memory_compile_is_one_line_naming_the_option(monkeypatch: pyte
         raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
 
     if piece == "chunk":
-        monkeypatch.setattr(chunked, "_compiled_steps", lambda _spec, _clip: (broken, broken))
+        monkeypatch.setattr(chunked, "_compiled_steps", lambda _spec, _clip, _bounded: (broken, broken))
     else:
         monkeypatch.setattr(conv, "_compiled", lambda: (broken, broken))
     memory = build(dataclasses.replace(TINY, compile=True))

@@ -182,7 +182,8 @@ def reference_mac(model: TitansMAC, ids: Tensor, write_before_retrieve: bool = F
         n = segment.shape[1]
         h = block.attn_norm(segment)
         read = memory(h, state)[1] if write_before_retrieve else state
-        m_prev, _ = current_memory(read.weights, read.momentum, read.buffer, c.spec(), c.grad_clip)
+        m_prev, _ = current_memory(read.weights, read.momentum, read.buffer, c.spec(), c.grad_clip,
+                                   c.write_bound)
         q_mem = F.normalize(F.silu(block.memory_query(h)).view(batch, n, c.heads, c.head_dim).transpose(1, 2), dim=-1)
         h_t = memory.readout(mlp_forward(m_prev.layers, q_mem, c.spec()), h)  # Eq. 21
         s_tilde = torch.cat([persistent.expand(batch, -1, -1), h_t, h], dim=1)  # Eq. 22

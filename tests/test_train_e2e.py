@@ -177,3 +177,53 @@ def test_cli_compare_rejects_an_unknown_entry(tmp_path: Path) -> None:
                           timeout=120)
     assert proc.returncode == 2 and "'lstm'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_failed_comparison_run_is_reported_and_exits_non_zero(
+        tiny_root: Path, tiny_prepared: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The comparison run ends with a NaN validation loss: the job still writes both reports,
+    marks that run FAILED, and exits 1 with one line naming it."""
+    from conftest import tiny_overrides
+    from nestlearn import cli
+
+    evaluate = Trainer.evaluate
+
+    def nan_for_titans(self: Trainer) -> dict[str, float]:
+        figures = evaluate(self)
+        if self.cfg.model.type == "titans_mac":
+            figures = {k: float("nan") for k in figures}
+        return figures
+
+    monkeypatch.setattr(Trainer, "evaluate", nan_for_titans)
+    overrides = [*tiny_overrides(tiny_root), f"out_dir={tmp_path}", "train.steps=2",
+                 "train.eval_every=2", "train.ckpt_every=2", "train.eval_batches=1"]
+    code = cli.main(["run", "-c", "transformer/pilot_smoke", "--compare", "titans_mac", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1] == ("nestlearn: error: 1 run(s) failed: tiny__titans_mac (the final validation "
+                       "loss is nan)")
+    failed = json.loads((tmp_path / "tiny__titans_mac" / "metrics.json").read_text())
+    assert failed["failed"] == "the final validation loss is nan"
+    html = (tmp_path / "tiny" / "report.html").read_text()
+    assert "FAILED: the final validation loss is nan" in html and "<td>ok</td>" in html
+
+
+def test_a_diverged_run_keeps_its_metrics_and_the_train_command_exits_1(
+        tiny_root: Path, tiny_prepared: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import tiny_overrides
+    from nestlearn import cli
+    from nestlearn.train.trainer import TrainingDiverged
+
+    def diverge(self: Trainer) -> dict[str, Any]:
+        raise TrainingDiverged("5 consecutive non-finite losses at step 3; lower optimizer.lr")
+
+    monkeypatch.setattr(Trainer, "fit", diverge)
+    code = cli.main(["train", "-c", "transformer/pilot_smoke", *tiny_overrides(tiny_root),
+                     f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("nestlearn: error: run tiny failed: 5 consecutive non-finite losses")
+    final = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert final["failed"].startswith("5 consecutive") and final["step"] == 0

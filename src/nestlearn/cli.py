@@ -91,11 +91,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         run_dir, final = pipeline.train(cfg, pipeline.prepare(cfg), _resume(args.resume))
+        if (reason := pipeline.failure(final)) is not None:
+            print(f"nestlearn: error: run {cfg.name} failed: {reason}; run directory {run_dir}",
+                  file=sys.stderr)
+            return 1
         print(f"trained: val_loss {final['val_loss']:.4f}; run directory {run_dir}")
         return 0
     entries = [e.strip() for e in args.compare.split(",") if e.strip()]
     compare = pipeline.comparison_configs(cfg, args.config_name, entries, args.overrides,
                                           args.config_path)
-    report = pipeline.run(cfg, _resume(args.resume), compare=compare)
+    report, failures = pipeline.run(cfg, _resume(args.resume), compare=compare)
     print(f"report: {report}")
+    if failures:
+        print(f"nestlearn: error: {len(failures)} run(s) failed: {'; '.join(failures)}",
+              file=sys.stderr)
+        return 1
     return 0

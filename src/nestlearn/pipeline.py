@@ -6,6 +6,7 @@ Each stage is a function the CLI calls; `run` chains them. Nothing here parses a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from nestlearn.config.loader import load_config, to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import PreparedData, prepare_data
 from nestlearn.eval.report import write_report
-from nestlearn.train.trainer import Trainer
+from nestlearn.train.trainer import Trainer, TrainingDiverged
 from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
@@ -47,9 +48,18 @@ def with_vocab(cfg: RunConfig, data: PreparedData) -> RunConfig:
     return cfg
 
 
+def failure(final: dict[str, Any]) -> str | None:
+    """Why a run failed (its metrics' `failed`), or None for a run that trained cleanly."""
+    reason = final.get("failed")
+    return str(reason) if reason else None
+
+
 def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
           log: Log = print) -> tuple[Path, dict[str, Any]]:
-    """Train `cfg.model` on `data`; writes config.json, metrics and checkpoints in the run dir."""
+    """Train `cfg.model` on `data`; writes config.json, metrics and checkpoints in the run dir.
+
+    A run that diverges, or ends with a non-finite validation loss, still writes metrics.json,
+    with `failed` saying why (`failure`), so that a comparison goes on and reports it."""
     cfg = with_vocab(cfg, data)
     if cfg.train.flush_subnormals:  # first: the thread pool inherits it when it starts
         flush_subnormals()
@@ -66,7 +76,13 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     log(f"model {cfg.model.type}: {model.num_params():,} parameters "
         f"({model.num_params(exclude_embeddings=True):,} without embeddings)")
     trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log)
-    final = trainer.fit()
+    try:
+        final = trainer.fit()
+    except TrainingDiverged as exc:
+        final = {**trainer.final_metrics(), "failed": str(exc)}
+    else:
+        if not math.isfinite(final["val_loss"]):
+            final["failed"] = f"the final validation loss is {final['val_loss']}"
     final["params"] = model.num_params()
     final["unigram_entropy_nats"] = data.stats.get("unigram_entropy_nats")
     atomic_write_json(run_dir / "metrics.json", final)
@@ -104,22 +120,30 @@ def comparison_configs(cfg: RunConfig, config_name: str, entries: list[str],
 
 
 def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print,
-        compare: list[RunConfig] | None = None) -> Path:
-    """The whole main job; returns the path of the report.
+        compare: list[RunConfig] | None = None) -> tuple[Path, list[str]]:
+    """The whole main job; returns the path of the report and one line per failed run.
 
     `compare`: more configs trained on the same prepared data (see `comparison_configs`),
     shown side by side in the main run's report.
     """
     data = prepare(cfg, log)
     run_dir, final = train(cfg, data, resume, log)
-    log(f"validation: loss {final['val_loss']:.4f} nats/token, ppl {final['val_ppl']:.2f}, "
-        f"{final['val_bpb']:.4f} bits/byte (unigram entropy "
-        f"{final['unigram_entropy_nats']:.4f} nats/token)")
+    failures = []
+    if (reason := failure(final)) is not None:
+        failures.append(f"{cfg.name} ({reason})")
+    else:
+        log(f"validation: loss {final['val_loss']:.4f} nats/token, ppl {final['val_ppl']:.2f}, "
+            f"{final['val_bpb']:.4f} bits/byte (unigram entropy "
+            f"{final['unigram_entropy_nats']:.4f} nats/token)")
     others = []
     for other in compare or []:
         log(f"comparison run {other.name} ({other.model.type})")
         other_dir, other_final = train(other, data, resume, log)
-        log(f"{other.name}: val loss {other_final['val_loss']:.4f}")
+        if (reason := failure(other_final)) is not None:
+            failures.append(f"{other.name} ({reason})")
+            log(f"{other.name}: FAILED: {reason}")
+        else:
+            log(f"{other.name}: val loss {other_final['val_loss']:.4f}")
         write_report(other_dir)
         others.append(other_dir)
-    return write_report(run_dir, others)
+    return write_report(run_dir, others), failures

@@ -93,11 +93,13 @@ def _comparison_section(run_dir: Path, others: list[Path]) -> str:
     dirs = [run_dir, *others]
     names = [read_json(d / "config.json")["name"] for d in dirs]
     finals = [read_json(d / "metrics.json") for d in dirs]
-    head = "<tr><th>run</th><th>model</th><th>parameters</th><th>val loss</th><th>val bpb</th><th>tokens/s</th></tr>"
+    head = ("<tr><th>run</th><th>model</th><th>status</th><th>parameters</th><th>val loss</th>"
+            "<th>val bpb</th><th>tokens/s</th></tr>")
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{html.escape(read_json(d / 'config.json')['model']['type'])}</td>"
-        f"<td>{_fmt(f.get('params', 0))}</td><td>{_fmt(f.get('val_loss', 0.0))}</td>"
-        f"<td>{_fmt(f.get('val_bpb', 0.0))}</td><td>{_fmt(f.get('tokens_per_s', 0.0))}</td></tr>"
+        f"<td>{html.escape(_status(f))}</td>"
+        f"<td>{_fmt(f.get('params', 0))}</td><td>{_fmt(f.get('val_loss', '-'))}</td>"
+        f"<td>{_fmt(f.get('val_bpb', '-'))}</td><td>{_fmt(f.get('tokens_per_s', 0.0))}</td></tr>"
         for n, d, f in zip(names, dirs, finals, strict=True))
     png = plot_comparison({n: read_jsonl(d / "metrics.jsonl") for n, d in zip(names, dirs, strict=True)})
     figure = ""
@@ -105,6 +107,11 @@ def _comparison_section(run_dir: Path, others: list[Path]) -> str:
         atomic_write_bytes(run_dir / "compare.png", png)
         figure = f'<img alt="loss curves of all runs" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
     return f"<h2>Comparison</h2><table>{head}{rows}</table>{figure}"
+
+
+def _status(final: dict[str, Any]) -> str:
+    """`ok`, or `FAILED: why` for a run that diverged or ended with a non-finite loss."""
+    return f"FAILED: {final['failed']}" if final.get("failed") else "ok"
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -162,7 +169,7 @@ def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
         figure = f'<img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
     else:
         figure = "<p>Install the <code>report</code> extra (matplotlib) for loss plots.</p>"
-    headline = {k: final[k] for k in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "step",
+    headline = {"status": _status(final)} | {k: final[k] for k in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "step",
                                       "tokens", "tokens_per_s", "train_time_s", "params")
                 if k in final}
     if baseline is not None:

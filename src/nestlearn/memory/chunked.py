@@ -48,6 +48,7 @@ from nestlearn.memory.mlp import (
     linear,
 )
 from nestlearn.memory.state import MemoryWeights, Writes
+from nestlearn.memory.write_bound import write_scales
 from nestlearn.utils.compiling import call_compiled
 
 
@@ -164,7 +165,8 @@ class _ChunkTrace:
     ||g_t||², the clip factors, step_i = θ_i clip_i, mix_{t,i} = c_{t,i} step_i; per retrieval
     layer its input a^(l) (a^(0) = q), hidden pre-activation, Gram a^(l) z^(l)ᵀ and the two
     operands ``left``, ``right`` of its matmul (``_scales_input``); per layer the weighted
-    δ^(l) of the state update, [-wm ⊙ δ | -ws ⊙ δ]."""
+    δ^(l) of the state update, [-wm ⊙ δ | -ws ⊙ δ]; ``kappa`` the write bound of each queried
+    row and (with ``last``) of the last token (``write_bound``; ones when unbounded)."""
 
     loss: LossGradsTrace
     sq: Tensor
@@ -177,6 +179,7 @@ class _ChunkTrace:
     left: tuple[Tensor, ...]
     right: tuple[Tensor, ...]
     scaled: tuple[Tensor, ...]
+    kappa: Tensor
 
 
 def _scales_input(w: Tensor) -> bool:
@@ -198,9 +201,10 @@ def _add(acc: Tensor | None, x: Tensor) -> Tensor:
     return x if acc is None else acc + x
 
 
-def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
+def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None, bounded: bool,
                    fused: bool = True) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
     """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``).
+    ``bounded``: scale each row's write by its ``write_bound`` κ_t (a constant to the backward).
 
     Few large matmuls run far faster on CPU than many small ones: each retrieval layer is one
     or two (``_scales_input``), the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z. Without
@@ -213,6 +217,13 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     clip = clip_factors(sq, grad_clip)
     step = x.theta * clip
     mix = x.c_rows * step.unsqueeze(-2)
+    m = mix.shape[-2]
+    if bounded:
+        rows = torch.cat([mix, (x.last[0] * step).unsqueeze(-2)], -2) if x.last else mix
+        kappa = write_scales(x.weights, loss, rows, spec)
+        mix = mix * kappa[..., :m].unsqueeze(-1)
+    else:
+        kappa = step.new_ones((*step.shape[:-1], m + 1 if x.last else m))
     a_t, b_t = x.a_rows.unsqueeze(-1), x.b_rows.unsqueeze(-1)
     acts, pre, gram, left, right = [x.q], [], [], [], []
     depth = len(x.weights)
@@ -238,7 +249,8 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     outs: tuple[Tensor, ...] = (y, sq)
     if x.last:
         c_n, p_n, a_n, b_n, e_n = x.last
-        nwm, nws = (-c_n * step).unsqueeze(-1), (-p_n * step).unsqueeze(-1)
+        last_step = step * kappa[..., m:]
+        nwm, nws = (-c_n * last_step).unsqueeze(-1), (-p_n * last_step).unsqueeze(-1)
         a_n, b_n, e_n = a_n[..., None, None], b_n[..., None, None], e_n[..., None, None]
         scaled = tuple(torch.cat([d * nwm, d * nws], -1) for d in deltas)
         new_m, new_s = [], []
@@ -248,12 +260,12 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
             new_s.append(torch.addcmul(update[..., w.shape[-2]:, :], e_n, s))
         outs = (*outs, *new_m, *new_s)
     return outs, _ChunkTrace(loss, sq, clip, step, mix, tuple(acts), tuple(pre), tuple(gram),
-                             tuple(left), tuple(right), scaled)
+                             tuple(left), tuple(right), scaled, kappa)
 
 
 def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_clip: float | None,
                     gy: Tensor, g_sq: Tensor | None, g_state: tuple[Tensor | None, ...],
-                    ) -> tuple[Tensor | None, ...]:
+                    ) -> tuple[Tensor | None, ...]:  # the write bound is in ``tr.kappa``
     """Vector-Jacobian product of ``_chunk_forward``: the gradients of ``x.flatten()``.
 
     Retrieval and state update first (they give the gradients wrt the rank-one factors δ^(l),
@@ -303,11 +315,15 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         else:
             gq = _add(gq, ga)
     assert g_mix is not None and g_a_rows is not None and g_b_rows is not None and gq is not None
+    m = g_mix.shape[-2]
+    g_mix = g_mix * tr.kappa[..., :m].unsqueeze(-1)  # mix = κ_t c_{t,i} step_i, κ a constant
     g_step = (g_mix * x.c_rows).sum(-2)
     g_last: tuple[Tensor | None, ...] = ()
     if x.last:  # M_n = A_n M_0 + b_n S_0 - Σ_i wm_i δ_i ⊗ z_i, S_n = E_n S_0 - Σ_i ws_i δ_i ⊗ z_i
         c_n, p_n, a_n, b_n, e_n = x.last
-        nwm, nws = (-c_n * tr.step).unsqueeze(-1), (-p_n * tr.step).unsqueeze(-1)
+        kappa_n = tr.kappa[..., m:]
+        last_step = tr.step * kappa_n
+        nwm, nws = (-c_n * last_step).unsqueeze(-1), (-p_n * last_step).unsqueeze(-1)
         g_wm: Tensor | None = None
         g_ws_: Tensor | None = None
         g_a_n: Tensor | None = None
@@ -337,8 +353,8 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
             g_ws_ = _add(g_ws_, -torch.linalg.vecdot(hs, d))
             gz[layer] = _mm_add(gz[layer], tr.scaled[layer], g_new)
         if g_wm is not None and g_ws_ is not None:
-            g_step = g_step + g_wm * c_n + g_ws_ * p_n
-            g_last = (g_wm * tr.step, g_ws_ * tr.step, g_a_n, g_b_n, g_e_n)
+            g_step = g_step + (g_wm * c_n + g_ws_ * p_n) * kappa_n
+            g_last = (g_wm * last_step, g_ws_ * last_step, g_a_n, g_b_n, g_e_n)
         else:
             g_last = (None,) * 5
     if grad_clip is not None:  # clip = grad_clip / sqrt(max(sq, grad_clip²))
@@ -392,15 +408,16 @@ class _MemoryChunk(torch.autograd.Function):
     the forward and a plain backward; a ``create_graph`` backward stays eager."""
 
     @staticmethod
-    def forward(ctx: Any, spec: MemoryMLPSpec, grad_clip: float | None, depth: int, compiled: bool,
-                *flat: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, spec: MemoryMLPSpec, grad_clip: float | None, bounded: bool, depth: int,
+                compiled: bool, *flat: Tensor) -> tuple[Tensor, ...]:
         x = ChunkInputs.unflatten(flat, depth)
         if compiled:
-            outs, trace = call_compiled(COMPILE_OPTION, _compiled_steps(spec, grad_clip)[0], x)
+            outs, trace = call_compiled(COMPILE_OPTION, _compiled_steps(spec, grad_clip, bounded)[0], x)
         else:
-            outs, trace = _chunk_forward(x, spec, grad_clip)
+            outs, trace = _chunk_forward(x, spec, grad_clip, bounded)
         ctx.save_for_backward(*flat)
         ctx.trace, ctx.spec, ctx.grad_clip, ctx.depth, ctx.compiled = trace, spec, grad_clip, depth, compiled
+        ctx.bounded = bounded
         ctx.set_materialize_grads(False)  # skip the work for outputs nobody differentiates
         y, sq, *state = outs
         return (y, sq.clone(), *state)  # the trace keeps sq: no output may live on ctx
@@ -411,25 +428,26 @@ class _MemoryChunk(torch.autograd.Function):
         x = ChunkInputs.unflatten(ctx.saved_tensors, ctx.depth)
         gy = torch.zeros_like(x.q) if gy is None else gy
         if torch.is_grad_enabled():  # create_graph: recompute with a graph, eagerly
-            trace = _chunk_forward(x, ctx.spec, ctx.grad_clip)[1]
+            trace = _chunk_forward(x, ctx.spec, ctx.grad_clip, ctx.bounded)[1]
             grads = _chunk_backward(x, trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state)
         elif ctx.compiled:
-            grads = call_compiled(COMPILE_OPTION, _compiled_steps(ctx.spec, ctx.grad_clip)[1], x, ctx.trace,
-                                  gy, g_sq, g_state)
+            grads = call_compiled(COMPILE_OPTION, _compiled_steps(ctx.spec, ctx.grad_clip, ctx.bounded)[1],
+                                  x, ctx.trace, gy, g_sq, g_state)
         else:
             grads = _chunk_backward(x, ctx.trace, ctx.spec, ctx.grad_clip, gy, g_sq, g_state)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 @functools.cache
-def _compiled_steps(spec: MemoryMLPSpec, grad_clip: float | None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _compiled_steps(spec: MemoryMLPSpec, grad_clip: float | None,
+                    bounded: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``_chunk_forward`` and ``_chunk_backward`` of one memory shape under ``torch.compile``
     (``NeuralMemoryConfig.compile``): inductor fuses the chunk's elementwise passes between its
     matmuls. Shapes are static (full chunks only, ``chunked_memory_scan``); a few variants
     compile, e.g. the first chunk of a call from ``initial_state`` and the state gradients that
     are ``None`` for the last chunk."""
     def forward(x: ChunkInputs) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
-        return _chunk_forward(x, spec, grad_clip)
+        return _chunk_forward(x, spec, grad_clip, bounded)
 
     def backward(x: ChunkInputs, trace: _ChunkTrace, gy: Tensor, g_sq: Tensor | None,
                  g_state: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
@@ -450,18 +468,20 @@ class ChunkResult:
 
 
 def memory_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, q: Tensor,
-                 spec: MemoryMLPSpec, grad_clip: float | None, advance: bool) -> ChunkResult:
+                 spec: MemoryMLPSpec, grad_clip: float | None, advance: bool,
+                 bounded: bool = False) -> ChunkResult:
     """One chunk from (M_0, S_0): ``writes`` are its n tokens so far; ``q`` the queries of its
-    last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n)."""
+    last ``q.shape[-2]`` tokens. ``advance`` also returns (M_n, S_n); ``bounded``: the
+    ``write_bound``."""
     n = writes.length
     co = ChunkCoefficients.build(writes.log_eta, writes.log_keep)
     return _run_chunk(weights, momentum, writes, q, co.gate_inputs(slice(n - q.shape[-2], n), advance),
-                      spec, grad_clip)
+                      spec, grad_clip, bounded)
 
 
 def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, q: Tensor,
                gates: tuple[Tensor, ...], spec: MemoryMLPSpec, grad_clip: float | None,
-               compiled: bool = False) -> ChunkResult:
+               bounded: bool, compiled: bool = False) -> ChunkResult:
     """``memory_chunk`` given ``ChunkCoefficients.gate_inputs`` (advancing iff they include
     the last token's); ``compiled``: through ``_compiled_steps`` when it records a graph."""
     depth = len(weights.layers)
@@ -472,9 +492,9 @@ def _run_chunk(weights: MemoryWeights, momentum: MemoryWeights, writes: Writes, 
         weights.layers, momentum.layers, writes.k, writes.v, writes.theta, q, a_rows, b_rows, c_rows,
         tuple(last)).flatten())
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
-        outs = _MemoryChunk.apply(spec, grad_clip, depth, compiled, *flat)  # type: ignore[no-untyped-call]
+        outs = _MemoryChunk.apply(spec, grad_clip, bounded, depth, compiled, *flat)  # type: ignore[no-untyped-call]
     else:
-        outs = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip, fused=False)[0]
+        outs = _chunk_forward(ChunkInputs.unflatten(flat, depth), spec, grad_clip, bounded, fused=False)[0]
     y, sq, *state = (t.reshape(*batch, *t.shape[1:]) for t in outs)
     if not last:
         return ChunkResult(y, None, None, sq)
@@ -495,7 +515,8 @@ class ScanResult:
 
 def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer: Writes,
                         q: Tensor, writes: Writes, spec: MemoryMLPSpec, chunk_size: int,
-                        grad_clip: float | None = None, compiled: bool = False) -> ScanResult:
+                        grad_clip: float | None = None, compiled: bool = False,
+                        bounded: bool = False) -> ScanResult:
     """Run T new tokens through the memory in chunks of ``chunk_size``.
 
     The stream is ``buffer`` (the ``p < C`` already-seen tokens of the current chunk, whose
@@ -504,7 +525,8 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
     chunk (a tail, or a sequence shorter than C) update every retrieval after them and are
     returned as the new buffer, so one call, many calls and token-by-token calls agree.
     ``compiled``: complete chunks read by all their tokens run through ``torch.compile``
-    (``NeuralMemoryConfig.compile``; one static shape), the others eagerly.
+    (``NeuralMemoryConfig.compile``; one static shape), the others eagerly. ``bounded``: every
+    read and state scale the chunk's write by its ``write_bound`` κ_t.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -539,7 +561,7 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
             chunk_gates = tail_co.gate_inputs(slice(piece.length - m, piece.length), False)
         else:
             break  # nothing new to read in an unfinished chunk
-        res = _run_chunk(weights, momentum, piece, q_chunk, chunk_gates, spec, grad_clip,
+        res = _run_chunk(weights, momentum, piece, q_chunk, chunk_gates, spec, grad_clip, bounded,
                          compiled and m == chunk_size)  # complete and read by all its tokens
         ys.append(res.y)
         sq.append(res.sq_norms[..., piece.length - m:])
@@ -551,11 +573,12 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
 
 
 def current_memory(weights: MemoryWeights, momentum: MemoryWeights, buffer: Writes,
-                   spec: MemoryMLPSpec, grad_clip: float | None = None,
+                   spec: MemoryMLPSpec, grad_clip: float | None = None, bounded: bool = False,
                    ) -> tuple[MemoryWeights, MemoryWeights]:
     """(M_t, S_t) after the buffered tokens, i.e. the memory as of now (for inspection)."""
     if buffer.length == 0:
         return weights, momentum
-    res = memory_chunk(weights, momentum, buffer, buffer.k[..., :0, :], spec, grad_clip, advance=True)
+    res = memory_chunk(weights, momentum, buffer, buffer.k[..., :0, :], spec, grad_clip, advance=True,
+                       bounded=bounded)
     assert res.weights is not None and res.momentum is not None
     return res.weights, res.momentum

@@ -35,7 +35,10 @@ class NeuralMemoryConfig:
     Nested Learning M(k) = k + MLP(k); Titans has none). ``momentum=False``: η ≡ 0 (Eq. 10
     without past surprise); ``forgetting=False``: α ≡ 0. ``conv_kernel``: short causal
     depthwise convolution after the q/k/v projections, 0 disables. ``grad_clip``: max norm of
-    each token's gradient (all layers together), ``None`` disables. ``init_scale``: the
+    each token's gradient (all layers together), ``None`` disables. ``write_bound``: scale a
+    chunk's write so that it never steps past the minimiser of its own loss along its direction
+    (``memory.write_bound``; without it the memory overflows in context on real text, where a
+    chunk's keys are aligned); ``False`` is the paper's unbounded write. ``init_scale``: the
     initial memory weights are N(0, init_scale² / fan_in). ``output_gate``: RMS norm and
     SiLU-gate of §4.4 before the output projection. ``compile``: run each complete chunk's
     forward and backward through ``torch.compile`` (``chunked._compiled_steps``), and the
@@ -59,6 +62,7 @@ class NeuralMemoryConfig:
     conv_kernel: int = 4
     max_lr: float = 0.1
     grad_clip: float | None = None
+    write_bound: bool = True
     init_scale: float = 1.0
     output_gate: bool = True
     compile: bool = False
@@ -174,7 +178,7 @@ class NeuralMemory(nn.Module):
             state = self.initial_state(x.shape[0])
         q, writes, cache = self.project(x, state.conv_cache)
         res = chunked_memory_scan(state.weights, state.momentum, state.buffer, q, writes,
-                                  c.spec(), c.chunk_size, c.grad_clip, c.compile)
+                                  c.spec(), c.chunk_size, c.grad_clip, c.compile, c.write_bound)
         stats = _stats(writes, res.sq_norms, res.momentum)
         return self.readout(res.y, x), MemoryState(res.weights, res.momentum, res.buffer, cache, stats)
 
@@ -185,7 +189,7 @@ class NeuralMemory(nn.Module):
         state = self.initial_state(x.shape[0])
         q, writes, _ = self.project(x, state.conv_cache)
         y, _, _ = reference_memory_scan(state.weights, state.momentum, q, writes, c.spec(),
-                                        c.chunk_size, c.grad_clip)
+                                        c.chunk_size, c.grad_clip, c.write_bound)
         return self.readout(y, x)
 
 

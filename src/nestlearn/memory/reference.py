@@ -13,6 +13,7 @@ from torch import Tensor
 
 from nestlearn.memory.mlp import MemoryMLPSpec, mlp_forward
 from nestlearn.memory.state import MemoryWeights, Writes
+from nestlearn.memory.write_bound import reference_write_scale
 
 
 def autograd_loss_grad(weights: MemoryWeights, k: Tensor, v: Tensor, spec: MemoryMLPSpec,
@@ -25,21 +26,37 @@ def autograd_loss_grad(weights: MemoryWeights, k: Tensor, v: Tensor, spec: Memor
     return MemoryWeights(tuple(grads))
 
 
+def _combine(a: Tensor | float, x: MemoryWeights, b: Tensor | float, y: MemoryWeights) -> MemoryWeights:
+    """a x + b y, layer by layer."""
+    return MemoryWeights(tuple(a * u + b * w for u, w in zip(x.layers, y.layers, strict=True)))
+
+
 def reference_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, q: Tensor,
                           writes: Writes, spec: MemoryMLPSpec, chunk_size: int = 1,
-                          grad_clip: float | None = None,
+                          grad_clip: float | None = None, bounded: bool = False,
                           ) -> tuple[Tensor, MemoryWeights, MemoryWeights]:
     """y_t = M_t(q_t) for t = 1..T and the final (M_T, S_T).
 
     S_t = η_t S_{t-1} - θ_t clip(∇ℓ(M_{t'}; k_t, v_t)); M_t = (1 - α_t) M_{t-1} + S_t, with
     clip(g) = g · min(1, grad_clip / ||g||) over all layers of the (batch, head)'s memory.
+    The recurrence runs as two: the chunk-start memory carried on without writes (M', S'), and
+    the chunk's write (D, U) from zero, so that M_t = M'_t + κ_t D_t, S_t = S'_t + κ_t U_t;
+    ``bounded``: κ_t is the ``write_bound`` (``reference_write_scale``), else 1. The weights of
+    each token's gradient in D_t run through the same recurrence as scalars.
     """
     create_graph = torch.is_grad_enabled()
-    anchor = weights
     ys = []
+    anchor = weights
+    carried, carried_s = weights, momentum
+    zeros = weights.map(torch.zeros_like)
+    write, write_s = zeros, zeros
+    keys: list[Tensor] = []
+    coef: list[Tensor] = []  # the weight of each of the chunk's gradients in D_t
+    coef_s: list[Tensor] = []
     for t in range(writes.length):
         if t % chunk_size == 0:
-            anchor = weights
+            anchor, carried, carried_s = weights, weights, momentum
+            write, write_s, keys, coef, coef_s = zeros, zeros, [], [], []
         k, v = writes.k[..., t:t + 1, :], writes.v[..., t:t + 1, :]
         grad = autograd_loss_grad(anchor, k, v, spec, create_graph)
         theta = writes.theta[..., t, None, None]
@@ -48,10 +65,18 @@ def reference_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, q: Te
             theta = theta * torch.clamp(grad_clip / norm, max=1.0)
         eta = writes.log_eta[..., t, None, None].exp()
         keep = writes.log_keep[..., t, None, None].exp()  # 1 - α_t
-        momentum = MemoryWeights(tuple(eta * s - theta * g for s, g in zip(
-            momentum.layers, grad.layers, strict=True)))
-        weights = MemoryWeights(tuple(keep * w + s for w, s in zip(
-            weights.layers, momentum.layers, strict=True)))
+        carried_s = _combine(eta, carried_s, 0.0, carried_s)
+        carried = _combine(keep, carried, 1.0, carried_s)
+        write_s = _combine(eta, write_s, -theta, grad)
+        write = _combine(keep, write, 1.0, write_s)
+        keys.append(k)
+        coef_s = [eta[..., 0, 0] * c for c in coef_s] + [theta[..., 0, 0]]
+        coef = [keep[..., 0, 0] * c + cs for c, cs in zip([*coef, torch.zeros_like(coef_s[-1])],
+                                                          coef_s, strict=True)]
+        scale = (reference_write_scale(anchor, torch.cat(keys, -2), write, torch.stack(coef, -1), spec)
+                 if bounded else torch.ones_like(theta[..., 0, 0]))[..., None, None]
+        weights = _combine(1.0, carried, scale, write)
+        momentum = _combine(1.0, carried_s, scale, write_s)
         ys.append(mlp_forward(weights.layers, q[..., t:t + 1, :], spec))
     y = torch.cat(ys, dim=-2) if ys else q
     return y, weights, momentum

@@ -76,7 +76,7 @@ def memory_config(cfg: ModelConfig) -> NeuralMemoryConfig:
         d_model=cfg.d_model, heads=t.memory_heads, head_dim=t.memory_head_dim, depth=t.memory_depth,
         expansion=t.memory_expansion, chunk_size=t.memory_chunk_size, momentum=t.memory_momentum,
         forgetting=t.memory_forgetting, conv_kernel=t.memory_conv_kernel, max_lr=t.memory_max_lr,
-        grad_clip=t.memory_grad_clip, compile=t.memory_compile)
+        grad_clip=t.memory_grad_clip, write_bound=t.memory_write_bound, compile=t.memory_compile)
 
 
 def _empty_kv(like: Tensor, batch: int, n_heads: int, head_dim: int) -> LayerKV:
@@ -178,7 +178,7 @@ class MACBlock(TitansBlock):
         """The state at a segment boundary: M_{t-1} = the memory after every write so far."""
         c = self.memory.config
         weights, _ = current_memory(memory.weights, memory.momentum, memory.buffer, c.spec(),
-                                    c.grad_clip)
+                                    c.grad_clip, c.write_bound)
         batch = weights.layers[0].shape[0]
         empty = _empty_kv(self.attn.proj.weight, batch, self.attn.n_heads, self.attn.head_dim)
         return MACLayerState(memory, weights, empty, empty)
