@@ -2,8 +2,8 @@
 
     python examples/cms_quickstart.py [--steps 300] [--preset small] [--out examples/out/cms_quickstart.png]
 
-Each level has its own optimizer (lr = base_lr / chunk size); slower levels sum their chunk's
-gradients until their clock fires. The plot shows the loss and when each level fired.
+Each level has its own AdamW (lr = base_lr √(chunk size), `setup_optimizers`); slower levels
+sum their chunk's gradients until their clock fires. The plot shows the loss and when each level fired.
 """
 
 from __future__ import annotations

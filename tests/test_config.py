@@ -85,6 +85,22 @@ def test_literal_choices_are_listed() -> None:
         load_config(None, ["train.precision=fp16"])
 
 
+@pytest.mark.parametrize("name", ["hope/mid", "hope/target"])
+def test_every_cms_level_of_the_large_configs_fires_a_few_hundred_times(name: str) -> None:
+    """A level on a level clock that fires a handful of times in a run never trains (the
+    pilot's 5000 steps and the smoke's 200 are too short for a few hundred at C > 16)."""
+    cfg = load_config(name)
+    assert cfg.optimizer.type == "chunked"
+    firings = {c: cfg.train.steps // c for c in cfg.model.cms.chunk_sizes}
+    assert min(firings.values()) >= 200, firings
+
+
+def test_an_in_context_chunk_longer_than_the_sequence_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model\.cms\.chunk_sizes.*<= train\.seq_len \(256\)"):
+        load_config("hope/pilot_smoke", ["model.cms.in_context=true", "model.cms.chunk_sizes=[8,512]"])
+    load_config("hope/pilot_smoke", ["model.cms.in_context=true", "model.cms.chunk_sizes=[8,256]"])
+
+
 def test_compiled_self_ref_is_refused_with_in_context_cms() -> None:
     with pytest.raises(ConfigError, match=r"model\.self_ref\.compile.*double backward"):
         load_config("hope/pilot_smoke", ["model.self_ref.compile=true", "model.cms.in_context=true",

@@ -3,7 +3,7 @@ default corpus: no non-finite loss at any step, a finite validation loss, a fall
 
 The smoke shapes (width 192, 4 layers, sequences of 256) are kept, because the failures this
 guards against live there: before the memory's write bound every Titans variant overflowed in
-context on real text within 1-50 steps. The batch is smaller and the run shorter, for time.
+context on real text within 1-50 steps. The batch is smaller and the run shorter (30 steps of 2 x 256 tokens), for time.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from nestlearn import models, pipeline
 from nestlearn.config import load_config
 from nestlearn.train.metrics import read_jsonl
 
-STEPS = 40
+STEPS = 30
+TYPES = [t for t in models.available() if t != "transformer++"]  # an alias of transformer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", models.available())
+@pytest.mark.parametrize("model_type", TYPES)
 def test_model_type_trains_without_a_non_finite_loss(model_type: str, tiny_prepared: Any,
                                                      tmp_path: Path) -> None:
     family = pipeline.FAMILIES[model_type]
     cfg = load_config(f"{family}/pilot_smoke", [
         f"model.type={model_type}", "model.vocab_size=null", f"train.steps={STEPS}",
-        "train.batch_size=4", f"train.eval_every={STEPS}", "train.eval_batches=2",
+        "train.batch_size=2", f"train.eval_every={STEPS}", "train.eval_batches=2",
         f"train.ckpt_every={STEPS}", "train.max_bad_steps=1", "logging.progress=none",
         f"out_dir={tmp_path}"])
     messages: list[str] = []

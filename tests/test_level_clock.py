@@ -90,15 +90,19 @@ def test_state_dict_round_trip_through_json() -> None:
 
 def test_setup_optimizers_scales_lr_and_partitions_parameters() -> None:
     model = NestedModelWithSurprise(4, 8)
-    opts = setup_optimizers(model, CHUNKS, base_lr=0.3)
+    opts = setup_optimizers(model, CHUNKS, base_lr=0.3, lr_rule="mean")
     assert {k: o.param_groups[0]["lr"] for k, o in opts.items()} == pytest.approx(
         {"level1_fast": 0.3, "level2_medium": 0.1, "level3_slow": 0.06})
+    adam = setup_optimizers(model, CHUNKS, base_lr=0.3)  # adaptive: base_lr √C
+    assert {k: o.param_groups[0]["lr"] for k, o in adam.items()} == pytest.approx(
+        {"level1_fast": 0.3, "level2_medium": 0.3 * 3**0.5, "level3_slow": 0.3 * 5**0.5})
     owned = [id(p) for o in opts.values() for p in o.param_groups[0]["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())  # each exactly once
     medium = {id(p) for p in opts["level2_medium"].param_groups[0]["params"]}
     assert all(id(p) in medium for p in model.surprise_heads["level2_medium"].parameters())
-    flat = setup_optimizers(model, CHUNKS, 0.3, torch.optim.SGD, scale_lr_by_chunk=False,
-                            momentum=0.9)
+    sgd = setup_optimizers(model, CHUNKS, 0.3, torch.optim.SGD)  # the chunk's mean gradient
+    assert sgd["level3_slow"].param_groups[0]["lr"] == pytest.approx(0.06)
+    flat = setup_optimizers(model, CHUNKS, 0.3, torch.optim.SGD, lr_rule="flat", momentum=0.9)
     assert all(o.param_groups[0]["lr"] == 0.3 and o.param_groups[0]["momentum"] == 0.9
                for o in flat.values())
 
@@ -106,7 +110,7 @@ def test_setup_optimizers_scales_lr_and_partitions_parameters() -> None:
 def test_setup_optimizers_finds_levels_by_submodule_name_and_rejects_orphans() -> None:
     plain = nn.Module()
     plain.fast, plain.slow = nn.Linear(2, 2), nn.Linear(2, 2)
-    opts = setup_optimizers(plain, {"fast": 1, "slow": 4}, 1.0)
+    opts = setup_optimizers(plain, {"fast": 1, "slow": 4}, 1.0, lr_rule="mean")
     assert opts["slow"].param_groups[0]["lr"] == 0.25
     plain.extra = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="never update"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,7 +49,7 @@ def test_slow_level_fires_every_chunk_with_the_summed_gradient() -> None:
     model = TwoLevels().double()
     opt = build_optimizer(OptimizerConfig(type="chunked", lr=0.1, weight_decay=0.0), model)
     assert isinstance(opt, ChunkedAdamW)
-    assert [g["lr"] for g in opt.param_groups if g["level"] == "slow"] == [0.1 / 3] * 2
+    assert [g["lr"] for g in opt.param_groups if g["level"] == "slow"] == [0.1 * 3**0.5] * 2
     batches = [torch.randn(5, 3, dtype=torch.float64) for _ in range(7)]
     # The slow level's gradient at its first firing is the sum over its chunk of 3 steps,
     # each taken at the (unchanged) slow weights but the moving fast weights.
@@ -99,3 +101,47 @@ def test_a_model_without_levels_is_refused_clearly() -> None:
         assert "declares CMS levels" in str(exc) and "Linear" in str(exc)
     else:
         raise AssertionError("expected a ValueError")
+
+
+class Levels(nn.Module):
+    """Two identical parameter vectors on clocks of 1 and C steps, fed the same gradients."""
+
+    def __init__(self, chunk: int) -> None:
+        super().__init__()
+        self.fast, self.slow, self.chunk = nn.Parameter(torch.zeros(64)), nn.Parameter(torch.zeros(64)), chunk
+
+    def levels(self) -> dict[str, list[nn.Parameter]]:
+        return {"fast": [self.fast], "slow": [self.slow]}
+
+    def level_chunk_sizes(self) -> dict[str, int]:
+        return {"fast": 1, "slow": self.chunk}
+
+
+def movement(rule: str, chunk: int, signal: float, noise: float, steps: int = 1024) -> float:
+    """Drift of the slow level along the mean gradient over that of the fast level, both fed
+    the same gradients mean + noise under ChunkedAdamW with `rule`."""
+    model = Levels(chunk)
+    opt = build_optimizer(OptimizerConfig(type="chunked", lr=1e-3, weight_decay=0.0,
+                                          level_lr=rule), model)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        g = signal + noise * torch.randn(64, generator=gen)
+        for p in (model.fast, model.slow):
+            p.grad = g.clone() if p.grad is None else p.grad + g
+        opt.step()
+        opt.zero_grad()
+    return float(model.slow.detach().mean() / model.fast.detach().mean())
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_slow_level_moves_within_a_small_factor_of_the_fast_one(chunk: int) -> None:
+    """Identical gradients: the default (sqrt) rule moves the slow level 1/√C as far as the
+    fast one, `linear` as far, and the seed's `mean` 1/C² as far."""
+    assert movement("sqrt", chunk, 1.0, 0.0) == pytest.approx(1 / math.sqrt(chunk), rel=0.05)
+    assert movement("linear", chunk, 1.0, 0.0) == pytest.approx(1.0, rel=0.05)
+    assert movement("mean", chunk, 1.0, 0.0) == pytest.approx(1 / chunk**2, rel=0.05)
+
+
+def test_on_noisy_gradients_sqrt_matches_the_drift() -> None:
+    """Noise 10x the signal (Adam's square-root regime): sqrt drifts as far as the fast level."""
+    assert movement("sqrt", 16, 0.1, 1.0, steps=4096) == pytest.approx(1.0, rel=0.3)

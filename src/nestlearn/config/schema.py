@@ -323,7 +323,10 @@ class OptimizerConfig:
     `adamw` is the baseline; `delta_momentum`, `dmgd` and `m3` are the Nested Learning paper's
     optimizers; `nested` is the port guide's DeepNestedOptimizer, whose learned controller owns
     the learning rate (the schedule below is then skipped); `chunked` is AdamW on level clocks
-    for models that declare CMS levels (each level steps once per its chunk of steps).
+    for models that declare CMS levels (each level steps once per its chunk of steps), with
+    `level_lr` the rule for a level's learning rate from its chunk size C (`level_clock.level_lr`:
+    `sqrt` base lr √C, `linear` C, `flat` 1, `mean` 1/C, the seed's, under which AdamW moves a
+    slow level 1/C² as far per token as the fast one).
     """
 
     type: Literal["adamw", "nested", "dmgd", "delta_momentum", "m3", "chunked"] = "adamw"
@@ -339,6 +342,7 @@ class OptimizerConfig:
     m3_frequency: int = 100  # m3: steps between slow-momentum updates
     m3_alpha: float = 1.0  # m3: weight of the slow momentum
     nested_optimizer: NestedOptimizerConfig = field(default_factory=NestedOptimizerConfig)
+    level_lr: Literal["mean", "flat", "sqrt", "linear"] = "sqrt"
 
     def check(self, where: str) -> None:
         if not 0.0 < self.lr < 1.0:
@@ -433,3 +437,8 @@ class RunConfig:
         self.optimizer.check("optimizer")
         self.train.check("train")
         self.logging.check("logging")
+        cms = self.model.cms
+        if cms.in_context and self.model.type.startswith("hope") and max(cms.chunk_sizes) > self.train.seq_len:
+            raise ConfigError("model.cms.chunk_sizes", cms.chunk_sizes,
+                              f"in-context chunk sizes <= train.seq_len ({self.train.seq_len}): a "
+                              "longer chunk never completes inside a sequence, so it never fires")

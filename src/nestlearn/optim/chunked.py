@@ -2,7 +2,9 @@
 
 `optimizer.type: chunked` in a run config. The model declares its levels (`levels()` and
 `level_chunk_sizes()`, the `HasLevels` protocol of `level_clock`); each level becomes a param
-group with `chunk_size` C and lr = base_lr / C (the level-clock default). Between firings a
+group with `chunk_size` C and lr = `level_lr(base_lr, C, rule)` (`optimizer.level_lr`; for
+AdamW `sqrt` moves a level as far per token as the fast one on noisy gradients, where the
+seed's base_lr / C moved it 1/C² as far). Between firings a
 level's gradients accumulate in `.grad` (PyTorch's `+=`), so when it fires it applies the sum
 of its whole chunk's gradients; `zero_grad` clears only the groups that just fired. Being one
 `torch.optim.Optimizer`, it checkpoints, resumes and takes an LR schedule like any other.
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nestlearn.optim.level_clock import level_parameters
+from nestlearn.optim.level_clock import LevelLrRule, level_lr, level_parameters
 
 
 class ChunkedAdamW(torch.optim.AdamW):
@@ -65,8 +67,8 @@ class ChunkedAdamW(torch.optim.AdamW):
 
 
 def chunked_groups(model: nn.Module, chunk_sizes: Mapping[str, int], base_lr: float,
-                   weight_decay: float) -> list[dict[str, Any]]:
-    """A group per (level, decay/no-decay), lr = base_lr / chunk size."""
+                   weight_decay: float, lr_rule: LevelLrRule = "sqrt") -> list[dict[str, Any]]:
+    """A group per (level, decay/no-decay), lr = `level_lr(base_lr, chunk size, lr_rule)`."""
     groups: list[dict[str, Any]] = []
     for level, params in level_parameters(model, list(chunk_sizes)).items():
         size = chunk_sizes[level]
@@ -74,5 +76,5 @@ def chunked_groups(model: nn.Module, chunk_sizes: Mapping[str, int], base_lr: fl
                                (0.0, [p for p in params if p.dim() < 2])):
             if members:
                 groups.append({"params": members, "level": level, "chunk_size": size,
-                               "lr": base_lr / size, "weight_decay": decay})
+                               "lr": level_lr(base_lr, size, lr_rule), "weight_decay": decay})
     return groups

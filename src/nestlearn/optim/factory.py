@@ -95,7 +95,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
             raise ValueError(f"optimizer.type=chunked needs a model that declares CMS levels "
                              f"(level_chunk_sizes()); {type(model).__name__} declares none: use "
                              f"a CMS model such as hope_attention")
-        return ChunkedAdamW(chunked_groups(model, sizes(), cfg.lr, cfg.weight_decay),
+        return ChunkedAdamW(chunked_groups(model, sizes(), cfg.lr, cfg.weight_decay, cfg.level_lr),
                             betas=betas, eps=cfg.eps)
     raise ValueError(f"optimizer.type={cfg.type!r} is not known; expected one of adamw, nested, "
                      "dmgd, delta_momentum, m3, chunked")

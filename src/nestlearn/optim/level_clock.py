@@ -14,19 +14,39 @@ This is gradient accumulation with one optimizer per level:
   right after it fires, so at firing time `.grad` holds the **sum** of its chunk's C_l
   gradients. Each level has its own optimizer over disjoint parameters, so the fast level's
   `zero_grad` never touches a slower level's accumulation.
-* `setup_optimizers` sets lr_l = base_lr / C_l by default: with SGD that turns the summed
-  gradient into the chunk mean (one step the size of a fast step). Adam-type optimizers are
-  invariant to the gradient's scale, so there the 1/C_l only makes slow levels move less per
-  firing; it is a default, not a law (pass `scale_lr_by_chunk=False` or build your own).
+
+How far a level moves depends on its learning rate and on the optimizer (`level_lr`; the
+derivation is in docs/architecture.md, "Level clocks"). Over T steps a level fires T / C times.
+With SGD a firing applies lr_l times the sum of C gradients: lr_l = base_lr (Eq. 71 with the
+fast level's η) moves it as far per token as the fast level; the seed's lr_l = base_lr / C
+("mean") applies the chunk's mean, one fast-sized step per firing, 1/C as far per token. Adam
+divides by the gradient's scale, so a firing moves ~lr_l whatever was summed: "mean" then moves
+a level 1/C² as far per token as the fast one (1/4096 at C = 64), and matching needs lr_l =
+base_lr √C when gradients are noise-dominated (Adam's square-root rule for a C-times larger
+batch: drift and diffusion per token both match) or base_lr C when they are identical.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+LevelLrRule = Literal["mean", "flat", "sqrt", "linear"]
+
+
+def level_lr(base_lr: float, chunk_size: int, rule: LevelLrRule) -> float:
+    """The learning rate of a level that fires once per `chunk_size` steps with the sum of its
+    chunk's gradients: base_lr times 1/C (`mean`, the seed's), 1 (`flat`), √C (`sqrt`) or C
+    (`linear`); which one matches the fast level depends on the optimizer (module docstring)."""
+    exponents = {"mean": -1.0, "flat": 0.0, "sqrt": 0.5, "linear": 1.0}
+    if rule not in exponents:
+        raise ValueError(f"unknown level lr rule {rule!r}; expected one of {', '.join(exponents)}")
+    scale: float = math.pow(chunk_size, exponents[rule])
+    return base_lr * scale
 
 
 def _check_chunk_sizes(chunk_sizes: Mapping[str, int]) -> dict[str, int]:
@@ -185,24 +205,24 @@ def setup_optimizers(
     base_lr: float,
     optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
     *,
-    scale_lr_by_chunk: bool = True,
+    lr_rule: LevelLrRule | None = None,
     **optimizer_kwargs: Any,
 ) -> dict[str, torch.optim.Optimizer]:
-    """One optimizer per level over that level's parameters, lr = base_lr / chunk_size.
+    """One optimizer per level over that level's parameters, lr = `level_lr(base_lr, C, lr_rule)`.
 
-    The 1/C scaling is the seed's default (see the module docstring for when it is right);
-    `scale_lr_by_chunk=False` gives every level base_lr. Extra keywords go to `optimizer_cls`.
+    `lr_rule=None`: the seed's `mean` (base_lr / C) for SGD, where it applies the chunk's mean
+    gradient, and `sqrt` (base_lr √C) for any other optimizer, taken to be adaptive (module
+    docstring). Extra keywords go to `optimizer_cls`.
     """
     sizes = _check_chunk_sizes(chunk_sizes)
     if base_lr <= 0:
         raise ValueError(f"base_lr must be > 0, got {base_lr}")
+    if lr_rule is None:
+        sgd = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.SGD)
+        lr_rule = "mean" if sgd else "sqrt"
     params = level_parameters(model, list(sizes))
     return {
-        level: optimizer_cls(
-            params[level],
-            lr=base_lr / sizes[level] if scale_lr_by_chunk else base_lr,
-            **optimizer_kwargs,
-        )
+        level: optimizer_cls(params[level], lr=level_lr(base_lr, sizes[level], lr_rule), **optimizer_kwargs)
         for level in sizes
     }
 

@@ -343,7 +343,7 @@ def build_from_preset(
     optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
 ) -> tuple[NestedModelWithSurprise, ChunkedUpdateScheduler, dict[str, torch.optim.Optimizer],
            SurpriseLossComputer]:
-    """Model, scheduler, per-level optimizers (lr = base_lr / chunk) and surprise computer."""
+    """Model, scheduler, per-level optimizers (`setup_optimizers`' lr rule) and surprise computer."""
     model = NestedModelWithSurprise(preset.input_size, preset.hidden_size)
     optimizers = setup_optimizers(model, preset.chunk_sizes, preset.base_lr, optimizer_cls)
     surprise = SurpriseLossComputer(preset.surprise_weights, preset.gradient_clip_value)
