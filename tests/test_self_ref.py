@@ -129,6 +129,7 @@ ABLATIONS = {
     "generated_q": {"static_projections": ()},
     "no_weight_decay": {"weight_decay": False},
     "no_weight_decay_no_dgd": {"weight_decay": False, "dgd": False},
+    "mix_input": {"mix_input": True},
 }
 
 
@@ -142,7 +143,7 @@ def test_ablations_fast_path_equals_reference(ablation: str, other_chunk: int, m
     torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("ablation", ["static_k", "generated_q", "no_weight_decay"])
+@pytest.mark.parametrize("ablation", ["static_k", "generated_q", "no_weight_decay", "mix_input"])
 def test_ablations_stream_and_differentiate_like_the_reference(ablation: str) -> None:
     layer = make_layer(other_chunk_size=3, memory_chunk_size=3, **ABLATIONS[ablation])
     x = inputs(10).requires_grad_()
@@ -155,6 +156,19 @@ def test_ablations_stream_and_differentiate_like_the_reference(ablation: str) ->
     assert split_state is not None
     assert_states_close(split_state, state)
     assert_outer_grads_match_reference(layer, x, y)
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_with_mixed_inputs_a_heads_memories_read_the_whole_token(mix: bool) -> None:
+    """Head 0's memory inputs change with head 1's slice of x_t iff ``mix_input``."""
+    layer = make_layer(mix_input=mix)
+    c = layer.config
+    x = inputs(5)
+    moved = x.clone()
+    moved[..., c.head_dim:2 * c.head_dim] += 1.0  # head 1's slice only
+    cache = layer.initial_state(x.shape[0]).conv_cache
+    head0, head0_moved = (layer.project(v, cache)[0][:, 0] for v in (x, moved))
+    assert (head0 - head0_moved).abs().max() > 1e-3 if mix else torch.equal(head0, head0_moved)
 
 
 def test_ablation_options_shape_the_layer() -> None:

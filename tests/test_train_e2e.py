@@ -227,3 +227,12 @@ def test_a_diverged_run_keeps_its_metrics_and_the_train_command_exits_1(
     assert err[0].startswith("nestlearn: error: run tiny failed: 5 consecutive non-finite losses")
     final = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert final["failed"].startswith("5 consecutive") and final["step"] == 0
+
+
+def test_the_default_run_compares_with_the_transformer_baseline() -> None:
+    from nestlearn.cli import DEFAULT_CONFIG, _compare
+
+    assert _compare(None, DEFAULT_CONFIG) == "transformer"
+    assert _compare(None, "titans/pilot_smoke") == ""
+    assert _compare("none", DEFAULT_CONFIG) == ""
+    assert _compare("titans_mac", DEFAULT_CONFIG) == "titans_mac"

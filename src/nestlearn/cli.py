@@ -33,9 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     run = add("run", "the main job: prepare data, train, evaluate, write the report", resume=True)
-    run.add_argument("--compare", default="", metavar="A,B",
+    run.add_argument("--compare", default=None, metavar="A,B",
                      help="also train these model types or configs on the same data and token "
-                          "budget and compare them in the report (e.g. transformer,titans_mac)")
+                          "budget and compare them in the report (e.g. transformer,titans_mac; "
+                          f"default: transformer for {DEFAULT_CONFIG}, else none; 'none': none)")
     add("prepare", "prepare the tokenizer and token shards only")
     add("train", "train (and evaluate) a model; no report", resume=True)
     add("config", "print the resolved config as JSON")
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("configs", help="list the configs that --config-name accepts")
     sub.add_parser("models", help="list the registered model types")
     return parser
+
+
+def _compare(value: str | None, config_name: str) -> str:
+    """The `--compare` entries: by default the default HOPE run is shown beside the
+    Transformer++ baseline trained on the same tokens (it takes about a minute)."""
+    if value is None:
+        return "transformer" if config_name == DEFAULT_CONFIG else ""
+    return "" if value.lower() == "none" else value
 
 
 def _resume(value: str) -> str | None:
@@ -97,7 +106,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 1
         print(f"trained: val_loss {final['val_loss']:.4f}; run directory {run_dir}")
         return 0
-    entries = [e.strip() for e in args.compare.split(",") if e.strip()]
+    entries = [e.strip() for e in _compare(args.compare, args.config_name).split(",") if e.strip()]
     compare = pipeline.comparison_configs(cfg, args.config_name, entries, args.overrides,
                                           args.config_path)
     report, failures = pipeline.run(cfg, _resume(args.resume), compare=compare)

@@ -111,7 +111,11 @@ class SelfRefTitansConfig:
     the memories overflow in context (white noise at the pilot's width: outputs ~1e18 after 256
     tokens, NaN by 1024); leave it off only with inputs and steps that keep v small. ``conv_kernel``:
     causal depthwise convolution of the inputs, 0 disables. ``eta_max``: bound of η_t.
-    ``init_scale``: initial memory weights are N(0, init_scale² / fan_in).
+    ``init_scale``: initial memory weights are N(0, init_scale² / fan_in). ``mix_input``: a
+    learned d × d projection of x_t (after the convolution) before the head split, so that each
+    head's memories read the whole token, as the paper's M_□: R^d -> R^d do; off, each head's
+    memories read only its d/H slice of x_t and see the other heads' features only through
+    ``to_out`` and the next layer (the static q is projected from the whole token either way).
 
     Ablations of the paper's table: ``static_projections`` lists which of k, v, q are static
     projections x_t W (moved to the lowest-frequency level: learned by the outer loop only)
@@ -154,6 +158,7 @@ class SelfRefTitansConfig:
     init_scale: float = 1.0
     static_projections: tuple[str, ...] = ("q",)
     weight_decay: bool = True
+    mix_input: bool = False
     compile: bool = False
     activation_budget: float = 1.0
 
@@ -608,6 +613,7 @@ class SelfRefTitans(nn.Module):
         c, shapes = config, config.spec().shapes()
         self.generated = c.generated
         self.conv_weight = nn.Parameter(torch.empty(c.d_model, 1, c.conv_kernel)) if c.conv_kernel else None
+        self.to_x = nn.Linear(c.d_model, c.d_model, bias=False) if c.mix_input else None
         self.to_q, self.to_k, self.to_v = (
             nn.Linear(c.d_model, c.d_model, bias=False) if name in c.static_projections else None
             for name in ("q", "k", "v"))
@@ -662,8 +668,9 @@ class SelfRefTitans(nn.Module):
 
     def project(self, x: Tensor, conv_cache: Tensor | None, normalize_q: bool = True,
                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x ``(B, T, D)`` -> per-head inputs x_t and static queries q_t = x_t W_q (``None`` when
-        M_q generates them), both ``(B, H, T, d)``, and the new convolution cache.
+        """x ``(B, T, D)`` -> per-head inputs x_t (mixed first with ``mix_input``) and static
+        queries q_t = x_t W_q (``None`` when M_q generates them), both ``(B, H, T, d)``, and the
+        new convolution cache.
         ``normalize_q=False`` leaves q unnormalised for a caller that normalises it per chunk."""
         c = self.config
         if self.conv_weight is not None:
@@ -678,6 +685,8 @@ class SelfRefTitans(nn.Module):
             q = self.to_q(x).view(b, t, c.heads, c.head_dim).transpose(1, 2)
             if c.qk_norm and normalize_q:
                 q = F.normalize(q, dim=-1)
+        if self.to_x is not None:
+            x = self.to_x(x)
         return x.view(b, t, c.heads, c.head_dim).transpose(1, 2), q, conv_cache
 
     def token_writes(self, other_out: Tensor, xs: Tensor) -> TokenWrites:

@@ -75,7 +75,8 @@ def self_ref_config(cfg: ModelConfig) -> SelfRefTitansConfig:
         depth=s.depth, expansion=s.expansion, memory_chunk_size=s.memory_chunk_size,
         other_chunk_size=s.other_chunk_size, momentum=s.momentum, dgd=s.dgd, qk_norm=s.qk_norm,
         v_norm=s.v_norm, conv_kernel=s.conv_kernel, eta_max=s.eta_max,
-        static_projections=tuple(s.static_projections), weight_decay=s.weight_decay, compile=s.compile,
+        static_projections=tuple(s.static_projections), weight_decay=s.weight_decay,
+        mix_input=s.mix_input, compile=s.compile,
         activation_budget=s.activation_budget)
 
 
