@@ -11,7 +11,8 @@ on ``--ref-len`` tokens (it is linear in length). Decoding feeds one token at a 
 state, under ``no_grad``, and samples the process RSS every 64 tokens: a flat peak over
 lengths means O(1) state. ``memory_chunked_compiled`` is the chunk-wise path with
 ``compile=True`` (same weights; its first call, which compiles, is recorded as
-``compiled_first_call_s`` and not timed; ``--no-compile`` skips it).
+``compiled_first_call_s`` and not timed; ``--no-compile`` skips it). ``memory_chunked_unbounded``
+is the chunk-wise path without the write bound (``write_bound=False``): the bound's cost.
 """
 
 from __future__ import annotations
@@ -91,16 +92,20 @@ Case = tuple[Callable[[Tensor], Tensor], Tensor, int]
 def time_train(cases: list[Case]) -> list[float]:
     """Best wall time of forward + backward of each case ``(fn, x, repeats)`` after one
     warm-up run. The cases take turns, one run each per round, so that a slow spell of the
-    machine falls on all of them rather than on one."""
+    machine falls on all of them rather than on one. A non-finite loss stops the script."""
     best = [float("inf")] * len(cases)
     for i in range(max(reps for _, _, reps in cases) + 1):
         for c, (fn, x, reps) in enumerate(cases):
             if i > reps:
                 continue
             start = time.perf_counter()
-            torch.autograd.backward(fn(x).square().mean())
+            loss = fn(x).square().mean()
+            torch.autograd.backward(loss)
+            seconds = time.perf_counter() - start
+            if not torch.isfinite(loss):  # a diverging layer's speed means nothing
+                raise SystemExit(f"case {c + 1}: non-finite loss in run {i + 1}; not timed")
             if i:
-                best[c] = min(best[c], time.perf_counter() - start)
+                best[c] = min(best[c], seconds)
     return best
 
 
@@ -138,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, args.seq_len, args.dim)
     x_ref = x[:, :args.ref_len]
 
+    unbounded = NeuralMemory(replace(cfg, write_bound=False))  # the paper's write, no bound
+    unbounded.load_state_dict(memory.state_dict())
     cases: dict[str, Case] = {
         "memory_chunked": (lambda z: memory(z)[0], x, args.repeats),
+        "memory_chunked_unbounded": (lambda z: unbounded(z)[0], x, args.repeats),
         "memory_reference": (memory.forward_reference, x_ref, args.ref_repeats),
         "attention_sdpa": (attention, x, args.repeats),
     }
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path (fwd+bwd)':24s} {'tokens':>8s} {'seconds':>9s} {'tok/s':>10s}")
     for r in rows:
         print(f"{r['path']:24s} {r['tokens']:8d} {r['seconds']:9.3f} {r['tokens_per_s']:10.0f}")
-    print(f"speed-up chunked / reference: {fast / ref:.1f}x; chunked / attention: {fast / attn:.2f}x")
+    print(f"speed-up chunked / reference: {fast / ref:.1f}x; chunked / attention: {fast / attn:.2f}x; "
+          f"bounded / unbounded: {fast / speed['memory_chunked_unbounded']:.2f}x")
     if fast_compiled is not None:
         print(f"speed-up chunked compiled / reference: {fast_compiled / ref:.1f}x; "
               f"compiled / eager chunked: {fast_compiled / fast:.2f}x")
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__, "load_average": os.getloadavg(), "flush_subnormals": flushed,
         "train": rows, "speedup_vs_reference": fast / ref, "speedup_vs_attention": fast / attn,
+        "bounded_vs_unbounded": fast / speed["memory_chunked_unbounded"],
         "compiled_speedup_vs_reference": None if fast_compiled is None else fast_compiled / ref,
         "compiled_first_call_s": first_call_s, "decode": decode_rows,
     })

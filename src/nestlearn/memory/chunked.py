@@ -165,8 +165,8 @@ class _ChunkTrace:
     ||g_t||², the clip factors, step_i = θ_i clip_i, mix_{t,i} = c_{t,i} step_i; per retrieval
     layer its input a^(l) (a^(0) = q), hidden pre-activation, Gram a^(l) z^(l)ᵀ and the two
     operands ``left``, ``right`` of its matmul (``_scales_input``); per layer the weighted
-    δ^(l) of the state update, [-wm ⊙ δ | -ws ⊙ δ]; ``kappa`` the write bound of each queried
-    row and (with ``last``) of the last token (``write_bound``; ones when unbounded)."""
+    δ^(l) of the state update, [-wm ⊙ δ | -ws ⊙ δ]; ``kappa`` ``(..., 1)`` the write bound of
+    the state after the last token (``write_bound``; one when unbounded or without ``last``)."""
 
     loss: LossGradsTrace
     sq: Tensor
@@ -204,7 +204,8 @@ def _add(acc: Tensor | None, x: Tensor) -> Tensor:
 def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None, bounded: bool,
                    fused: bool = True) -> tuple[tuple[Tensor, ...], _ChunkTrace]:
     """(y, ||g_t||², *M_n, *S_n) of one chunk (module docstring; M_n, S_n only with ``last``).
-    ``bounded``: scale each row's write by its ``write_bound`` κ_t (a constant to the backward).
+    ``bounded``: scale the write of the state handed on by its ``write_bound`` κ_n (a constant
+    to the backward); reads inside the chunk use the paper's write.
 
     Few large matmuls run far faster on CPU than many small ones: each retrieval layer is one
     or two (``_scales_input``), the update of (M, S) one more, [wm ⊙ δ | ws ⊙ δ]ᵀ z. Without
@@ -217,13 +218,8 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     clip = clip_factors(sq, grad_clip)
     step = x.theta * clip
     mix = x.c_rows * step.unsqueeze(-2)
-    m = mix.shape[-2]
-    if bounded:
-        rows = torch.cat([mix, (x.last[0] * step).unsqueeze(-2)], -2) if x.last else mix
-        kappa = write_scales(x.weights, loss, rows, spec)
-        mix = mix * kappa[..., :m].unsqueeze(-1)
-    else:
-        kappa = step.new_ones((*step.shape[:-1], m + 1 if x.last else m))
+    kappa = (write_scales(x.weights, loss, (x.last[0] * step).unsqueeze(-2), spec) if bounded and x.last
+             else step.new_ones((*step.shape[:-1], 1)))
     a_t, b_t = x.a_rows.unsqueeze(-1), x.b_rows.unsqueeze(-1)
     acts, pre, gram, left, right = [x.q], [], [], [], []
     depth = len(x.weights)
@@ -249,7 +245,7 @@ def _chunk_forward(x: ChunkInputs, spec: MemoryMLPSpec, grad_clip: float | None,
     outs: tuple[Tensor, ...] = (y, sq)
     if x.last:
         c_n, p_n, a_n, b_n, e_n = x.last
-        last_step = step * kappa[..., m:]
+        last_step = step * kappa
         nwm, nws = (-c_n * last_step).unsqueeze(-1), (-p_n * last_step).unsqueeze(-1)
         a_n, b_n, e_n = a_n[..., None, None], b_n[..., None, None], e_n[..., None, None]
         scaled = tuple(torch.cat([d * nwm, d * nws], -1) for d in deltas)
@@ -315,13 +311,11 @@ def _chunk_backward(x: ChunkInputs, tr: _ChunkTrace, spec: MemoryMLPSpec, grad_c
         else:
             gq = _add(gq, ga)
     assert g_mix is not None and g_a_rows is not None and g_b_rows is not None and gq is not None
-    m = g_mix.shape[-2]
-    g_mix = g_mix * tr.kappa[..., :m].unsqueeze(-1)  # mix = κ_t c_{t,i} step_i, κ a constant
     g_step = (g_mix * x.c_rows).sum(-2)
     g_last: tuple[Tensor | None, ...] = ()
     if x.last:  # M_n = A_n M_0 + b_n S_0 - Σ_i wm_i δ_i ⊗ z_i, S_n = E_n S_0 - Σ_i ws_i δ_i ⊗ z_i
         c_n, p_n, a_n, b_n, e_n = x.last
-        kappa_n = tr.kappa[..., m:]
+        kappa_n = tr.kappa  # a constant of the backward
         last_step = tr.step * kappa_n
         nwm, nws = (-c_n * last_step).unsqueeze(-1), (-p_n * last_step).unsqueeze(-1)
         g_wm: Tensor | None = None
@@ -526,7 +520,7 @@ def chunked_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, buffer:
     returned as the new buffer, so one call, many calls and token-by-token calls agree.
     ``compiled``: complete chunks read by all their tokens run through ``torch.compile``
     (``NeuralMemoryConfig.compile``; one static shape), the others eagerly. ``bounded``: every
-    read and state scale the chunk's write by its ``write_bound`` κ_t.
+    state handed on scales its chunk's write by the ``write_bound`` κ.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -40,9 +40,10 @@ def reference_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, q: Te
     S_t = η_t S_{t-1} - θ_t clip(∇ℓ(M_{t'}; k_t, v_t)); M_t = (1 - α_t) M_{t-1} + S_t, with
     clip(g) = g · min(1, grad_clip / ||g||) over all layers of the (batch, head)'s memory.
     The recurrence runs as two: the chunk-start memory carried on without writes (M', S'), and
-    the chunk's write (D, U) from zero, so that M_t = M'_t + κ_t D_t, S_t = S'_t + κ_t U_t;
-    ``bounded``: κ_t is the ``write_bound`` (``reference_write_scale``), else 1. The weights of
-    each token's gradient in D_t run through the same recurrence as scalars.
+    the chunk's write (D, U) from zero, so that M_t = M'_t + D_t, S_t = S'_t + U_t. ``bounded``:
+    the state handed on after a chunk's last token (and the final state) is M'_t + κ_t D_t,
+    S'_t + κ_t U_t with κ_t the ``write_bound`` (``reference_write_scale``); the weights of each
+    token's gradient in D_t run through the same recurrence as scalars.
     """
     create_graph = torch.is_grad_enabled()
     ys = []
@@ -73,10 +74,11 @@ def reference_memory_scan(weights: MemoryWeights, momentum: MemoryWeights, q: Te
         coef_s = [eta[..., 0, 0] * c for c in coef_s] + [theta[..., 0, 0]]
         coef = [keep[..., 0, 0] * c + cs for c, cs in zip([*coef, torch.zeros_like(coef_s[-1])],
                                                           coef_s, strict=True)]
+        ys.append(mlp_forward(_combine(1.0, carried, 1.0, write).layers, q[..., t:t + 1, :], spec))
+        handed_on = (t + 1) % chunk_size == 0 or t + 1 == writes.length
         scale = (reference_write_scale(anchor, torch.cat(keys, -2), write, torch.stack(coef, -1), spec)
-                 if bounded else torch.ones_like(theta[..., 0, 0]))[..., None, None]
+                 [..., None, None] if bounded and handed_on else 1.0)
         weights = _combine(1.0, carried, scale, write)
         momentum = _combine(1.0, carried_s, scale, write_s)
-        ys.append(mlp_forward(weights.layers, q[..., t:t + 1, :], spec))
     y = torch.cat(ys, dim=-2) if ys else q
     return y, weights, momentum

@@ -1,21 +1,23 @@
-"""The write bound of the Titans memory: a chunk's write never steps past the minimiser of its
-own loss along its own direction.
+"""The write bound of the Titans memory: the state a chunk hands on never steps past the
+minimiser of the chunk's own loss along the chunk's write.
 
-Why. Inside a chunk every gradient is taken at M_0 (Eq. 16) and the memory after token t holds
-the write -G_t, G_t = Σ_{i<=t} w_{t,i} g_i, w_{t,i} = c_{t,i} θ_i (momentum and decay folded in,
-``chunked``). That is one gradient step on the weighted loss L_t = Σ_{i<=t} w_{t,i} ℓ_i. When
-the chunk's keys point the same way (deep layers on real text: mean key cosine 0.6-0.8 within a
-chunk of 16), the n steps add up along one direction, the step overshoots, and the hidden
-activations and the weights grow together until they overflow within a few hundred tokens.
+Why. Inside a chunk every gradient is taken at M_0 (Eq. 16) and the memory after the chunk's
+n tokens holds the write -G, G = Σ_i w_i g_i, w_i = c_{n,i} θ_i (momentum and decay folded in,
+``chunked``). That is one gradient step on the weighted loss L = Σ_i w_i ℓ_i. When the chunk's
+keys point the same way (deep layers on real text: mean key cosine 0.6-0.8 within a chunk of
+16), the n steps add up along one direction, the step overshoots, and the hidden activations
+and the weights grow together until they overflow within a few hundred tokens.
 
-The bound. Along -G_t, the Gauss-Newton model of L_t (ℓ_i = ||M(k_i) - v_i||², J_i the Jacobian
-of M(k_i) in the weights) is L_t(M_0 - εG_t) ≈ L_t - ε||G_t||² + ε² Σ_i w_{t,i} ||J_i G_t||²,
-minimised at ε*_t = ||G_t||² / (2 Σ_i w_{t,i} ||J_i G_t||²). The read at token t (and the
-state after a chunk's last token) uses κ_t G_t with κ_t = min(1, ε*_t): the paper's write
-wherever it does not overshoot. For one token of a linear memory with a unit key ε* = 1 / (2 θ),
-so with θ <= 0.5 the bound never acts there; it acts on a chunk of aligned keys, where the n
-steps pile up. κ_t depends on tokens <= t only (reads stay causal, streaming stays exact) and is
-treated as a constant by the outer backward, as a line search's step is.
+The bound. Along -G, the Gauss-Newton model of L (ℓ_i = ||M(k_i) - v_i||², J_i the Jacobian of
+M(k_i) in the weights) is L(M_0 - εG) ≈ L - ε||G||² + ε² Σ_i w_i ||J_i G||², minimised at
+ε* = ||G||² / (2 Σ_i w_i ||J_i G||²). The state after the chunk takes κ G with κ = min(1, ε*):
+the paper's write wherever it does not overshoot. For one token of a linear memory with a unit
+key ε* = 1 / (2 θ), so with θ <= 0.5 the bound never acts there; it acts on a chunk of aligned
+keys, where the n steps pile up. Reads inside the chunk keep the paper's write (bounding each
+of them costs a tangent per pair of tokens, C³ per chunk, which tripled the layer's time at
+C = 64); what compounds from chunk to chunk, the state, is bounded. κ uses the chunk's tokens
+only (a partial chunk's state, e.g. ``current_memory``, is bounded on the tokens so far), and
+the outer backward treats it as a constant, as it would a line search's step.
 
 ``write_scales`` is the closed form on the rank-one factors of the chunk (``chunked``);
 ``reference_write_scale`` the same number from autograd gradients and forward-mode JVPs.
@@ -40,12 +42,12 @@ def _scale(sq_norm: Tensor, curvature: Tensor) -> Tensor:
 
 @torch.no_grad()
 def write_scales(weights: Sequence[Tensor], trace: LossGradsTrace, w: Tensor, spec: MemoryMLPSpec) -> Tensor:
-    """κ for each row of ``w`` ``(B, r, n)`` (row t: the weights w_{t,i} of the chunk's n
-    tokens, zero for i > t); ``trace``: the chunk's gradient pass at M_0. Returns ``(B, r)``.
+    """κ for each row of ``w`` ``(B, r, n)`` (a row: the weights w_i of the chunk's n tokens in
+    one write); ``trace``: the chunk's gradient pass at M_0. Returns ``(B, r)``.
 
-    With g_i = Σ_l δ^(l)_i ⊗ z^(l)_i and Grams K^(l) = Z^(l) Z^(l)ᵀ: ||G_t||² = Σ_l w_tᵀ
-    (Δ^(l)Δ^(l)ᵀ ⊙ K^(l)) w_t, and J_j G_t is the forward-mode tangent of M(k_j) whose layer l
-    adds G^(l)_t z^(l)_j = Σ_i w_{t,i} K^(l)_{j,i} δ^(l)_i.
+    With g_i = Σ_l δ^(l)_i ⊗ z^(l)_i and Grams K^(l) = Z^(l) Z^(l)ᵀ: ||G||² = Σ_l wᵀ
+    (Δ^(l)Δ^(l)ᵀ ⊙ K^(l)) w, and J_j G is the forward-mode tangent of M(k_j) whose layer l
+    adds G^(l) z^(l)_j = Σ_i w_i K^(l)_{j,i} δ^(l)_i.
     """
     deltas, inputs = trace.grads.deltas, trace.grads.inputs
     sq_norm = w.new_zeros(w.shape[:-1])
