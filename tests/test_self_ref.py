@@ -13,16 +13,15 @@ from torch import Tensor
 from torch.profiler import profile
 
 from nestlearn.memory import self_ref
-from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, l2_loss_grads
-from nestlearn.memory.self_ref import (
+from nestlearn.memory.dgd_chunk import (
+    DgdLayer,
     GroupState,
-    SelfRefState,
-    SelfRefTitans,
-    SelfRefTitansConfig,
-    _DgdLayer,
     dgd_chunk_update,
     layer_step,
+    segment_differences,
 )
+from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, l2_loss_grads
+from nestlearn.memory.self_ref import SelfRefState, SelfRefTitans, SelfRefTitansConfig
 from nestlearn.memory.self_ref_reference import reference_self_ref
 from nestlearn.memory.state import MemoryWeights
 
@@ -74,7 +73,7 @@ def test_segment_differences_equal_segment_sums() -> None:
     from nestlearn.memory.chunked import segment_sums
 
     x = -torch.rand(2, 3, 9, dtype=F64, requires_grad=True)
-    fast, slow = self_ref._segment_differences(x), segment_sums(x)
+    fast, slow = segment_differences(x), segment_sums(x)
     assert torch.equal(fast.isinf(), slow.isinf())
     finite = ~slow.isinf()
     torch.testing.assert_close(fast[finite], slow[finite])
@@ -340,7 +339,7 @@ def test_chunk_update_equals_literal_recurrence(momentum: bool, dgd: bool) -> No
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("n", [1, 6])
 def test_chunk_update_gradients_equal_literal_recurrence(momentum: bool, n: int) -> None:
-    """The hand-written backward of the DGD update (``_DgdLayer``) == autograd through the
+    """The hand-written backward of the DGD update (``DgdLayer``) == autograd through the
     literal recurrence, for every input: weights, δ, z, η, α and momenta, β."""
     w0, s0, grads, eta, alpha, beta = chunk_update_inputs(n, momentum, seed=n)
     leaves = [*w0.layers, *grads.deltas, *grads.inputs, eta, alpha, *((*s0.layers, beta) if s0 is not None else ())]
@@ -360,7 +359,7 @@ def test_chunk_update_gradients_equal_literal_recurrence(momentum: bool, n: int)
 @pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("momentum", [True, False])
 def test_dgd_layer_gradcheck(momentum: bool, kernel: bool) -> None:
-    """gradcheck and gradgradcheck of ``_DgdLayer`` on arbitrary (not only chunk-shaped)
+    """gradcheck and gradgradcheck of ``DgdLayer`` on arbitrary (not only chunk-shaped)
     coefficients, with z and the DGD system shared over a broadcast memory axis as in layer 1;
     with ``kernel`` its solves (forward and backward) run in ``cpu_kernels``."""
     gen = torch.Generator().manual_seed(0)
@@ -374,7 +373,7 @@ def test_dgd_layer_gradcheck(momentum: bool, kernel: bool) -> None:
             *((rand(m, n, 1), rand(m, 1, 1), rand(m, 1, 1), rand(m, n, 1)) if momentum else (None,) * 4)]
 
     def fn(*xs: Tensor | None) -> tuple[Tensor, ...]:
-        return tuple(t for t in _DgdLayer.apply(kernel, *xs) if t is not None)
+        return tuple(t for t in DgdLayer.apply(kernel, *xs) if t is not None)
 
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
@@ -441,10 +440,10 @@ def test_compiled_chunk_step_equals_eager() -> None:
     compiled = compiled_twin(eager)
     x = inputs(14).requires_grad_()
     y, state = eager(x)
-    self_ref._compiled_chunk.cache_clear()
+    self_ref.compiled_chunk.cache_clear()
     with profile() as prof:
         y_c, state_c = compiled(x)
-    assert self_ref._compiled_chunk.cache_info().currsize == 1  # the compiled step did run
+    assert self_ref.compiled_chunk.cache_info().currsize == 1  # the compiled step did run
     assert any(e.key == "nestlearn::batched_matmul" for e in prof.key_averages())  # its products too
     torch.testing.assert_close(y_c, y, rtol=1e-9, atol=1e-10)
     assert_states_close(state_c, state)
@@ -547,7 +546,7 @@ def test_a_failed_compile_is_one_line_naming_the_option(monkeypatch: pytest.Monk
     def broken(*_args: object) -> None:
         raise BackendCompilerFailed(None, OSError("cc1plus: not found\ndetails"), None)
 
-    monkeypatch.setattr(self_ref, "_compiled_chunk", lambda _config, _device: broken)
+    monkeypatch.setattr(self_ref, "compiled_chunk", lambda _config, _device: broken)
     compiled = compiled_twin(make_layer(other_chunk_size=4, memory_chunk_size=4))
     with pytest.raises(RuntimeError, match=r"^model\.self_ref\.compile=true: torch\.compile failed "
                                            r"\(OSError: cc1plus: not found\); set model\.self_ref\.compile=false") as err:

@@ -1,0 +1,320 @@
+"""The chunk update of self-referential Titans' memories: delta gradient descent with decay
+and momentum over a chunk in closed form (one unit-lower-triangular solve per chunk and layer,
+``self_ref`` module docstring), with a hand-written backward (``DgdLayer``)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nestlearn.memory import cpu_kernels
+from nestlearn.memory.chunked import segment_sums
+from nestlearn.memory.mlp import RankOneGrads, linear
+from nestlearn.memory.self_ref_config import COMPILE_OPTION
+from nestlearn.memory.state import MemoryWeights
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Chunk-start weights W_0 of a group of memories (``(B, H[, 4], out, in)`` per layer) and
+    their momenta S_0 (``None`` without momentum)."""
+
+    weights: MemoryWeights
+    momentum: MemoryWeights | None
+
+    def detach(self) -> GroupState:
+        return GroupState(self.weights.detach(), None if self.momentum is None else self.momentum.detach())
+
+
+
+def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
+                     log_beta: Tensor | None, dgd: bool, kernel: bool = False) -> GroupState:
+    """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
+    taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
+    against the weights' leading dims; ``log_beta`` is ignored without momentum. ``kernel``:
+    solve the DGD systems of CPU tensors with ``cpu_kernels`` (``_solve``)."""
+    momentum = None if log_beta is None or state.momentum is None else MomentumDecay.build(log_beta)
+    return dgd_update(state, grads, None, eta, log_alpha, momentum, dgd, kernel)
+
+
+def layer_step(eta: Tensor, z: Tensor) -> Tensor:
+    """The step of a layer with inputs z ``(..., n, in)``: η_t / max(1, ||z_t||²) ``(..., n)``.
+
+    Normalised by the input energy as in normalised LMS: the DGD factor (α I - η z zᵀ) has the
+    eigenvalue α - η||z||² along z, which leaves (-1, 1) once η||z||² > 1 + α. A first layer
+    reads the unit-norm k (``qk_norm``) and keeps η_t exactly; a deeper layer's input
+    σ(W k) is not normalised and, without this, its memory diverged in context (HOPE at outer
+    lr 3e-3: ||z||² up to ~3,000 at η = 0.1). With the bound, |α - η'||z||²| < 1 for η <= 1."""
+    return eta / z.square().sum(-1).clamp(min=1.0)
+
+
+def dgd_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
+                      eta: Tensor, log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool,
+                      kernel: bool) -> GroupState:
+    """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
+    reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
+    if state.momentum is not None and momentum is None:
+        raise ValueError("a group with momentum needs its momentum decay")
+    decays = _ChunkDecays.build(log_alpha, momentum if state.momentum is not None else None, kernel)
+    s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
+    ws: list[Tensor] = []
+    ss: list[Tensor] = []
+    for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
+                                                   strict=True)):
+        co = decays.coefficients(layer_step(eta, z), dgd)
+        w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co, kernel)
+        ws.append(w)
+        if s is not None:
+            ss.append(s)
+    return GroupState(MemoryWeights(tuple(ws)), None if state.momentum is None else MemoryWeights(tuple(ss)))
+
+
+@dataclass(frozen=True)
+class MomentumDecay:
+    """The factors of a chunk that depend on the momentum decay β alone, with E_s = Π_{j<=s} β_j
+    (s = 1..n): ``first`` = E_s ``(..., n, 1)``, ``ratios`` [s, i] = E_s / E_i ``(..., n, n)``,
+    ``e_n`` = E_n ``(..., 1, 1)`` and ``last`` = E_n / E_j ``(..., n)``. β is constant over a
+    call, so one build serves every full chunk. Separate tensors, not views of one: as inputs of
+    the compiled chunk each gets its own gradient (a shared one was assembled by a layout-changing
+    copy, ~0.3 ms per chunk at the pilot's shape)."""
+
+    first: Tensor
+    ratios: Tensor
+    e_n: Tensor
+    last: Tensor
+
+    @staticmethod
+    def build(log_beta: Tensor) -> MomentumDecay:
+        n = log_beta.shape[-1]
+        rows = segment_sums(log_beta).exp().split_with_sizes([1, n], dim=-2)[1]  # [s, 0] = E_s, [s, i] = E_s / E_i
+        first, ratios = rows.split_with_sizes([1, n], dim=-1)
+        e_n, last = rows[..., -1, :].split_with_sizes([1, n], dim=-1)
+        return MomentumDecay(first.contiguous(), ratios.contiguous(), e_n.unsqueeze(-1).contiguous(),
+                              last.contiguous())
+
+
+def segment_differences(x: Tensor) -> Tensor:
+    """``chunked.segment_sums(x)`` as differences of running sums, P_s - P_i with P_s = Σ_{j<=s}
+    x_j: one running sum over (..., n) instead of one per column of an (n+1)×(n+1) matrix,
+    which inductor leaves to a strided library call (twice per chunk, ~90 µs each at the pilot's
+    shape). The differences lose |P_s|·eps of absolute precision: with x = log α_t this is a
+    relative error of ~|Σ log α|·1e-7 in the decays in float32, far below that of the products."""
+    n = x.shape[-1]
+    running = F.pad(x.cumsum(-1), (1, 0))  # P_0 = 0 (the chunk start)
+    ones = torch.ones(n + 1, n + 1, dtype=torch.bool, device=x.device)
+    return (running.unsqueeze(-1) - running.unsqueeze(-2)).masked_fill(~torch.tril(ones), float("-inf"))
+
+
+@dataclass(frozen=True)
+class _ChunkDecays:
+    """The factors of a chunk that do not depend on η: with γ_t and the extended momentum sums
+    c_{t,j}, b_t of ``chunked.ChunkCoefficients`` indexed from t = 0 (the chunk start, c_0 = b_0
+    = 0), one (n+1)×n product gives every c, and b is its first column times E_1 (parts taken
+    with ``split``: the backward of a slice would zero-fill the whole matrix per slice). Built
+    once per chunk and scaled by each layer's own step (``coefficients``)."""
+
+    gamma_n: Tensor  # γ_n, (..., 1, 1)
+    gamma_prev: Tensor  # γ_{t-1}, (..., n, 1)
+    decay_prev: Tensor  # γ_{t-1}/γ_s, (..., n, n)
+    decay_last: Tensor  # γ_n/γ_s, (..., 1, n)
+    c_prev: Tensor  # c_{t-1,j}, (..., n, n)
+    c_last: Tensor  # c_{n,j}, (..., 1, n)
+    b_prev: Tensor | None  # b_{t-1}, (..., n, 1)
+    b_n: Tensor | None  # b_n, (..., 1, 1)
+    momentum: MomentumDecay | None
+
+    @staticmethod
+    def build(log_alpha: Tensor, momentum: MomentumDecay | None, kernel: bool = False) -> _ChunkDecays:
+        n = log_alpha.shape[-1]
+        # [t, 0] = γ_t, [t, s] = γ_t / γ_s for t = 0..n (0 = chunk start)
+        gamma, decay = segment_differences(log_alpha).exp().split_with_sizes([1, n], dim=-1)
+        gamma_prev, gamma_n = gamma.split_with_sizes([n, 1], dim=-2)
+        decay_prev, decay_last = decay.split_with_sizes([n, 1], dim=-2)
+        if momentum is None:  # c_{t,j} = γ_t / γ_j without momentum
+            return _ChunkDecays(gamma_n, gamma_prev, decay_prev, decay_last, decay_prev, decay_last, None, None, None)
+        # c_{t,j} = Σ_s (γ_t/γ_s)(E_s/E_j), and b_t = Σ_s (γ_t/γ_s) E_s = E_1 c_{t,1}: an n-wide
+        # product instead of an (n+1)-wide one (1.3× faster at n = 64: 65 wide misfits the kernel)
+        c = kernel_matmul(decay, momentum.ratios, kernel)
+        b = c.split_with_sizes([1, n - 1], dim=-1)[0] * momentum.first.split_with_sizes([1, n - 1], dim=-2)[0]
+        b_prev, b_n = b.split_with_sizes([n, 1], dim=-2)
+        c_prev, c_last = c.split_with_sizes([n, 1], dim=-2)
+        return _ChunkDecays(gamma_n, gamma_prev, decay_prev, decay_last, c_prev, c_last, b_prev, b_n, momentum)
+
+    def coefficients(self, eta: Tensor, dgd: bool) -> _DgdCoefficients:
+        """The factors of one layer whose tokens take the steps η ``(..., n)``."""
+        eta_cols = eta.unsqueeze(-2)
+        m = self.momentum
+        return _DgdCoefficients(
+            gamma_n=self.gamma_n, last_w=(self.c_last * eta_cols).transpose(-1, -2),
+            c_prev_eta=-(self.c_prev * eta_cols), gamma_prev=self.gamma_prev,
+            decay_eta=self.decay_prev * eta_cols, decay_last_eta=(self.decay_last * eta_cols).transpose(-1, -2),
+            b_prev=self.b_prev, b_n=self.b_n, e_n=None if m is None else m.e_n,
+            step_w=None if m is None else (m.last * eta).unsqueeze(-1), dgd=dgd)
+
+
+@dataclass(frozen=True)
+class _DgdCoefficients:
+    """The factors of ``_dgd_layer`` for one layer (``_ChunkDecays.coefficients``), each
+    broadcast against the layer's ``(..., n, ·)`` tensors."""
+
+    gamma_n: Tensor  # γ_n, (..., 1, 1)
+    last_w: Tensor  # c_{n,j} η_j, (..., n, 1)
+    c_prev_eta: Tensor  # -c_{t-1,j} η_j, (..., n, n)
+    gamma_prev: Tensor  # γ_{t-1}, (..., n, 1)
+    decay_eta: Tensor  # (γ_{t-1}/γ_s) η_s (s < t), (..., n, n)
+    decay_last_eta: Tensor  # (γ_n/γ_s) η_s, (..., n, 1)
+    b_prev: Tensor | None  # b_{t-1}, (..., n, 1)
+    b_n: Tensor | None  # b_n, (..., 1, 1)
+    e_n: Tensor | None  # E_n, (..., 1, 1)
+    step_w: Tensor | None  # (E_n / E_j) η_j, (..., n, 1)
+    dgd: bool
+
+
+def _dgd_layer(w0: Tensor, s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor | None,
+               co: _DgdCoefficients, kernel: bool) -> tuple[Tensor, Tensor | None]:
+    """(W_n, S_n) of one layer after a chunk. z may be shared by the memories stacked on a
+    leading dim (size 1 there): the Gram matrix and, with it, the DGD system are then shared."""
+    if co.dgd:
+        args = (w0, s0, delta, z, linear(w0, z, kernel_option(kernel)) if read is None else read, co.gamma_n, co.last_w, co.c_prev_eta,
+                co.gamma_prev, co.decay_eta, co.decay_last_eta, co.b_prev, co.b_n, co.e_n, co.step_w)
+        # One dtype inside (autocast mixes bf16 products with fp32 weights); autograd casts back.
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in args if t is not None))
+        with torch.autocast(w0.device.type, enabled=False):
+            out: tuple[Tensor, Tensor | None] = DgdLayer.apply(  # type: ignore[no-untyped-call]
+                kernel, *(None if t is None else t.to(dtype) for t in args))
+        return out
+    update = kernel_matmul((delta * co.last_w).transpose(-1, -2), z, kernel)
+    if s0 is None or co.b_n is None or co.e_n is None or co.step_w is None:
+        return co.gamma_n * w0 - update, None
+    return (co.gamma_n * w0 + co.b_n * s0 - update,
+            co.e_n * s0 - kernel_matmul((delta * co.step_w).transpose(-1, -2), z, kernel))
+
+
+def kernel_option(kernel: bool) -> str | None:
+    """The config switch that turns nestlearn's CPU kernels on, for ``cpu_kernels.matmul``."""
+    return COMPILE_OPTION if kernel else None
+
+
+def kernel_matmul(a: Tensor, b: Tensor, kernel: bool) -> Tensor:
+    """``a @ b``; with ``kernel``, CPU float products run on ``cpu_kernels.matmul``."""
+    return cpu_kernels.matmul(a, b, kernel_option(kernel))
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    return x.sum(-1, keepdim=True)
+
+
+def _solve(system: Tensor, rhs: Tensor, transpose: bool, kernel: bool) -> Tensor:
+    """X with (I + strict_lower(system)) X = rhs (its transpose with ``transpose``): with
+    ``kernel``, CPU tensors and no graph recorded, nestlearn's C++ kernel (``cpu_kernels``, ~3×
+    faster here); otherwise, and whenever the solve itself must be differentiable (double
+    backward), ``torch.linalg.solve_triangular``."""
+    if kernel and system.device.type == "cpu" and not torch.is_grad_enabled():
+        return cpu_kernels.unit_triangular_solve(system, rhs, transpose, COMPILE_OPTION)
+    if transpose:
+        system = system.transpose(-1, -2)
+    out: Tensor = torch.linalg.solve_triangular(system, rhs, upper=transpose, unitriangular=True)
+    return out
+
+
+class DgdLayer(torch.autograd.Function):
+    """The DGD chunk update of one layer (``_dgd_layer``) with a hand-written backward.
+
+    Forward, with G = Z Zᵀ, Δ = [δ_t], A = -c_{t-1,j} η_j ⊙ G, L = I + strict_lower(de ⊙ G):
+
+        rhs = A Δ + γ_{t-1} ⊙ read + b_{t-1} ⊙ Z S_0ᵀ,   P = L⁻¹ rhs,
+        R = c_{n,j} η_j ⊙ Δ + (γ_n/γ_j) η_j ⊙ P,       W_n = γ_n W_0 + b_n S_0 - Rᵀ Z,
+        S_n = E_n S_0 - ((E_n/E_j) η_j ⊙ Δ)ᵀ Z.
+
+    Autograd of these ops keeps every broadcast product and accumulates into many temporaries;
+    here backward saves only the inputs, G and P (R is recomputed), does one transposed solve
+    and reduces broadcast gradients (e.g. the layer-1 system shared by the stacked memories)
+    before multiplying. It is written with differentiable ops and, under ``create_graph``,
+    rebuilds G and P from the inputs, so double backward works too.
+    """
+
+    @staticmethod
+    def solve(s0: Tensor | None, delta: Tensor, z: Tensor, read: Tensor, c_prev_eta: Tensor, gamma_prev: Tensor,
+              decay_eta: Tensor, b_prev: Tensor | None, kernel: bool) -> tuple[Tensor, Tensor]:
+        """G and P (the DGD terms p_t)."""
+        gram = kernel_matmul(z, z.transpose(-1, -2), kernel)
+        rhs = torch.addcmul(kernel_matmul(c_prev_eta * gram, delta, kernel), gamma_prev, read)
+        if s0 is not None and b_prev is not None:
+            rhs = rhs + linear(s0, b_prev * z, kernel_option(kernel))
+        return gram, _solve(decay_eta * gram, rhs, False, kernel)
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, kernel: bool, w0: Tensor, s0: Tensor | None,
+                delta: Tensor, z: Tensor, read: Tensor, gamma_n: Tensor, last_w: Tensor, c_prev_eta: Tensor,
+                gamma_prev: Tensor, decay_eta: Tensor, decay_last_eta: Tensor, b_prev: Tensor | None,
+                b_n: Tensor | None, e_n: Tensor | None, step_w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        gram, p = DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev, kernel)
+        rows = torch.addcmul(delta * last_w, p, decay_last_eta)
+        new_w = gamma_n * w0 - kernel_matmul(rows.transpose(-1, -2), z, kernel)
+        new_s = None
+        if s0 is not None:
+            assert b_n is not None and e_n is not None and step_w is not None
+            new_w = new_w + b_n * s0
+            new_s = e_n * s0 - kernel_matmul((delta * step_w).transpose(-1, -2), z, kernel)
+        saved = (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta,
+                 decay_last_eta, b_prev, b_n, e_n, step_w)
+        ctx.save_for_backward(*saved)  # type: ignore[arg-type]  # None entries are allowed
+        ctx.kernel = kernel  # type: ignore[attr-defined]
+        return new_w, new_s
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_w: Tensor, g_s: Tensor | None,
+                 ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(g_w.device.type, enabled=False):
+            return (None, *DgdLayer._backward(ctx.saved_tensors, g_w, g_s, ctx.kernel))  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _backward(saved: tuple[Tensor, ...], g_w: Tensor, g_s: Tensor | None, kernel: bool,
+                  ) -> tuple[Tensor | None, ...]:
+        """The gradients of the inputs; without momentum s0 and its factors are ``None`` in ``saved``."""
+        (w0, s0, delta, z, read, gram, p, gamma_n, last_w, c_prev_eta, gamma_prev, decay_eta, decay_last_eta,
+         b_prev, b_n, e_n, step_w) = saved
+        if torch.is_grad_enabled():  # double backward: G and P as functions of the inputs
+            gram, p = DgdLayer.solve(s0, delta, z, read, c_prev_eta, gamma_prev, decay_eta, b_prev, kernel)
+        # Signs are moved onto the small (n, 1) and (1, 1) factors: h = -dL/dR, r = -dL/d(rhs),
+        # acc = -dL/dZ (before the Gram term).
+        rows = torch.addcmul(delta * last_w, p, decay_last_eta)
+        h = kernel_matmul(z, g_w.transpose(-1, -2), kernel)
+        acc = kernel_matmul(rows, g_w, kernel)
+        g_delta = h * -last_w
+        g_s0 = g_bp = g_bn = g_en = g_sw = None
+        if s0 is not None:
+            assert g_s is not None
+            h_s = kernel_matmul(z, g_s.transpose(-1, -2), kernel)
+            acc = acc + kernel_matmul(delta * step_w, g_s, kernel)
+            g_delta = torch.addcmul(g_delta, h_s, step_w, value=-1)
+            g_sw = -_row_sum(h_s * delta)
+            g_s0 = torch.addcmul(b_n * g_w, e_n, g_s)
+            g_bn = (g_w * s0).sum((-2, -1), keepdim=True)
+            g_en = (g_s * s0).sum((-2, -1), keepdim=True)
+        system = decay_eta * gram
+        r = _solve(system, h * decay_last_eta, True, kernel)
+        g_system = kernel_matmul(r, p.transpose(-1, -2), kernel).sum_to_size(system.shape).tril(-1)
+        q = kernel_matmul(r, delta.transpose(-1, -2), kernel)  # -dL/dA
+        g_delta = g_delta - kernel_matmul((c_prev_eta * gram).transpose(-1, -2), r, kernel)
+        g_gram = (g_system * decay_eta).sum_to_size(gram.shape) - (q * c_prev_eta).sum_to_size(gram.shape)
+        if s0 is not None:
+            u = kernel_matmul(r, s0, kernel)
+            acc = torch.addcmul(acc, b_prev, u)
+            g_bp = -_row_sum(z * u)
+            g_s0 = g_s0 - kernel_matmul((b_prev * r).transpose(-1, -2), z, kernel)
+        g_z = kernel_matmul(g_gram + g_gram.transpose(-1, -2), z, kernel) - acc.sum_to_size(z.shape)
+
+        def fit(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return None if g is None or like is None else g.sum_to_size(like.shape)
+
+        return (fit(gamma_n * g_w, w0), fit(g_s0, s0), fit(g_delta, delta), g_z, fit(r * -gamma_prev, read),
+                fit((g_w * w0).sum((-2, -1), keepdim=True), gamma_n), fit(-_row_sum(h * delta), last_w),
+                fit(-(q * gram), c_prev_eta), fit(-_row_sum(r * read), gamma_prev),
+                fit(g_system * gram, decay_eta), fit(-_row_sum(h * p), decay_last_eta),
+                fit(g_bp, b_prev), fit(g_bn, b_n), fit(g_en, e_n), fit(g_sw, step_w))
+
