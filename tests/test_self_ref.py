@@ -6,9 +6,11 @@ recall key/value pairs in context."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import profile
 
@@ -16,6 +18,7 @@ from nestlearn.memory import self_ref
 from nestlearn.memory.dgd_chunk import (
     DgdLayer,
     GroupState,
+    chunk_step_scale,
     dgd_chunk_update,
     layer_step,
     segment_differences,
@@ -241,7 +244,10 @@ def test_gradients_equal_reference(other_chunk: int, memory_chunk: int, t: int) 
 
 
 def test_gradcheck_tiny() -> None:
-    layer = make_layer(d_model=4, heads=2, head_dim=2, other_chunk_size=2, memory_chunk_size=3)
+    """Against finite differences, so without the step bound, whose κ the backward holds constant
+    (the bounded layer's gradients are checked against the reference instead)."""
+    layer = make_layer(d_model=4, heads=2, head_dim=2, other_chunk_size=2, memory_chunk_size=3,
+                       step_bound=False)
     x = inputs(5, batch=1)[..., :4].requires_grad_()
     assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,))
     assert torch.autograd.gradgradcheck(lambda inp: layer(inp)[0], (x,))  # create_graph (meta-training)
@@ -552,3 +558,52 @@ def test_a_failed_compile_is_one_line_naming_the_option(monkeypatch: pytest.Monk
                                            r"\(OSError: cc1plus: not found\); set model\.self_ref\.compile=false") as err:
         compiled(inputs(8))
     assert "\n" not in str(err.value)
+
+
+def test_chunk_step_scale_is_the_gershgorin_bound() -> None:
+    """One token is never scaled (η' <= 0.5); n equal unit keys with steps s give κ = 1/(2 n s)."""
+    z = F.normalize(torch.randn(3, 1, 4, dtype=F64), dim=-1)
+    assert torch.equal(chunk_step_scale(torch.full((3, 1), 0.5, dtype=F64), z), torch.ones(3, 1, dtype=F64))
+    same = z.expand(3, 6, 4)
+    torch.testing.assert_close(chunk_step_scale(torch.full((3, 6), 0.2, dtype=F64), same),
+                               torch.full((3, 1), 1 / (2 * 6 * 0.2), dtype=F64))
+    orthogonal = torch.eye(4, dtype=F64).expand(3, 4, 4)  # no shared direction: no pile-up
+    assert torch.equal(chunk_step_scale(torch.full((3, 4), 0.5, dtype=F64), orthogonal), torch.ones(3, 1, dtype=F64))
+
+
+def aligned_inputs(t: int, batch: int = 2, spread: float = 0.3) -> Tensor:
+    """Tokens around one shared direction, as deep layers see on real text."""
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(8, generator=gen, dtype=F64) + spread * torch.randn(batch, t, 8, generator=gen, dtype=F64)
+
+
+@pytest.mark.parametrize(("other_chunk", "memory_chunk", "t"), [(4, 4, 11), (3, 4, 10)])
+def test_step_bound_equals_the_reference_where_it_acts(other_chunk: int, memory_chunk: int, t: int) -> None:
+    """Large steps (η ≈ η_max) on inputs that share a direction: the bound acts (the unbounded
+    layer gives other outputs), and the fast path equals the loop of definitions, values and
+    gradients."""
+    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk)
+    with torch.no_grad():
+        layer.readout_bias[0].fill_(4.0)
+    x = aligned_inputs(t).requires_grad_()
+    y, _ = layer(x)
+    torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+    free = SelfRefTitans(dataclasses.replace(layer.config, step_bound=False)).to(F64)
+    free.load_state_dict(layer.state_dict())
+    assert (free(x)[0] - y).abs().max() > 1e-3
+    assert_outer_grads_match_reference(layer, x, y)
+
+
+def test_without_the_step_bound_the_chunk_form_overflows_where_the_per_token_one_does_not() -> None:
+    layer = make_layer(other_chunk_size=8, memory_chunk_size=8, step_bound=False, v_norm=True)  # as hope
+    with torch.no_grad():
+        layer.readout_bias[0].fill_(6.0)  # η ≈ η_max, as 1% of a trained HOPE's tokens had
+    x = aligned_inputs(256, batch=1, spread=0.1)
+    with torch.no_grad():
+        per_token = SelfRefTitans(dataclasses.replace(layer.config, other_chunk_size=1, memory_chunk_size=1)).to(F64)
+        per_token.load_state_dict(layer.state_dict())
+        bounded = SelfRefTitans(dataclasses.replace(layer.config, step_bound=True)).to(F64)
+        bounded.load_state_dict(layer.state_dict())
+        sizes = [float(m(x)[0].abs().max()) for m in (layer, per_token, bounded)]
+    assert not math.isfinite(sizes[0]) or sizes[0] > 1e6, sizes
+    assert sizes[1] < 100 and sizes[2] < 100, sizes

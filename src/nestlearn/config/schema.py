@@ -211,7 +211,9 @@ class SelfRefConfig:
     L2-normalises v as the paper does q and k: not in the paper, but without it the
     self-generated targets feed back and overflow within a few hundred tokens at our init.
     `mix_input` gives every head's memories the whole token (a d x d projection before the head
-    split, as the paper's R^d -> R^d memories; off: each reads its d/H slice). `compile` runs each chunk through torch.compile; `activation_budget` (with it) is the share
+    split, as the paper's R^d -> R^d memories; off: each reads its d/H slice). `step_bound`
+    keeps a chunk's summed steps stable (`dgd_chunk.chunk_step_scale`; false: Eq. 90 as is,
+    which diverged at chunk 8). `compile` runs each chunk through torch.compile; `activation_budget` (with it) is the share
     of the compiled chunk's activations kept for backward, the rest recomputed there
     (`SelfRefTitansConfig.activation_budget`): what lets long sequences train without
     `train.activation_checkpointing`."""
@@ -229,6 +231,7 @@ class SelfRefConfig:
     weight_decay: bool = True
     static_projections: list[str] = field(default_factory=lambda: ["q"])
     mix_input: bool = False
+    step_bound: bool = True
     compile: bool = False  # torch.compile each chunk step (SelfRefTitansConfig.compile)
     activation_budget: float = 1.0  # with compile: share of the chunk's activations kept for backward
 

@@ -30,15 +30,16 @@ class GroupState:
         return GroupState(self.weights.detach(), None if self.momentum is None else self.momentum.detach())
 
 
-
 def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
-                     log_beta: Tensor | None, dgd: bool, kernel: bool = False) -> GroupState:
+                     log_beta: Tensor | None, dgd: bool, kernel: bool = False,
+                     bounded: bool = False) -> GroupState:
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
     against the weights' leading dims; ``log_beta`` is ignored without momentum. ``kernel``:
-    solve the DGD systems of CPU tensors with ``cpu_kernels`` (``_solve``)."""
+    solve the DGD systems of CPU tensors with ``cpu_kernels`` (``_solve``); ``bounded``: scale
+    each layer's steps by its ``chunk_step_scale``."""
     momentum = None if log_beta is None or state.momentum is None else MomentumDecay.build(log_beta)
-    return dgd_update(state, grads, None, eta, log_alpha, momentum, dgd, kernel)
+    return update_chunk(state, grads, None, eta, log_alpha, momentum, dgd, kernel, bounded)
 
 
 def layer_step(eta: Tensor, z: Tensor) -> Tensor:
@@ -52,9 +53,27 @@ def layer_step(eta: Tensor, z: Tensor) -> Tensor:
     return eta / z.square().sum(-1).clamp(min=1.0)
 
 
-def dgd_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
-                      eta: Tensor, log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool,
-                      kernel: bool) -> GroupState:
+@torch.no_grad()
+def chunk_step_scale(step: Tensor, z: Tensor) -> Tensor:
+    """κ = min(1, 1 / (2 λ̂)) ``(..., 1)`` for a chunk whose tokens take the steps ``step``
+    ``(..., n)`` on the layer inputs z ``(..., n, in)``; λ̂ = max_j Σ_i √(η_i η_j) |z_i·z_j|, the
+    Gershgorin bound of the step-weighted Gram matrix, is the chunk's largest combined step.
+
+    Why: in the chunk form every gradient is taken at the chunk start, so along a direction the
+    chunk's keys share, the n stale steps add up without the per-token correction. With DGD a
+    direction then moves by about 3 λ (2 λ from the gradient of ||·||², λ from the decay), which
+    must stay below 2; the per-token recurrence (n = 1, λ = η' <= η_max <= 0.5) always does, and
+    is untouched. On a HOPE smoke model trained at chunk 8 the last block's M_v, M_η and M_k
+    overflowed within four chunks of one sequence at chunks 4 and 8 (η reached η_max for 1% of
+    the tokens), and not at chunks 1 and 2. Treated as a constant by the backward."""
+    root = step.sqrt()
+    bound = ((z @ z.transpose(-1, -2)).abs() * root.unsqueeze(-1) * root.unsqueeze(-2)).sum(-1).amax(-1, keepdim=True)
+    return torch.where(2 * bound > 1, 1 / (2 * bound).clamp(min=1.0), 1.0)
+
+
+def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
+                 eta: Tensor, log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool,
+                 kernel: bool, bounded: bool) -> GroupState:
     """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
     reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     if state.momentum is not None and momentum is None:
@@ -65,7 +84,8 @@ def dgd_update(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...]
     ss: list[Tensor] = []
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
-        co = decays.coefficients(layer_step(eta, z), dgd)
+        step = layer_step(eta, z)
+        co = decays.coefficients(step * chunk_step_scale(step, z) if bounded else step, dgd)
         w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co, kernel)
         ws.append(w)
         if s is not None:

@@ -298,7 +298,7 @@ class SelfRefTitans(nn.Module):
             grads = l2_loss_grads(group.weights.layers, tw.k.unsqueeze(-3), v_hat, spec)
             log_beta = None if log_momentum is None else log_momentum[0].unsqueeze(-1).expand(-1, -1, end - start)
             return out, dgd_chunk_update(group, grads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
-                                         log_beta, c.dgd, c.compile)
+                                         log_beta, c.dgd, c.compile, c.step_bound)
 
         outs, other = chunk_scan(state.other, x_stream.shape[-2], p_other, c.other_chunk_size, other_step)
         d = c.head_dim
@@ -327,7 +327,8 @@ class SelfRefTitans(nn.Module):
             grads = l2_loss_grads(group.weights.layers, w.k, v_hat, spec)
             with torch.no_grad():  # a metric: no graph
                 surprise.append(grads.sq_norm())
-            return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd, c.compile)
+            return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd, c.compile,
+                                       c.step_bound)
 
         outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
         o = torch.cat(outs, dim=-2) if outs else q

@@ -16,9 +16,9 @@ from torch import Tensor
 from nestlearn.memory.dgd_chunk import (
     GroupState,
     MomentumDecay,
-    dgd_update,
     kernel_matmul,
     kernel_option,
+    update_chunk,
 )
 from nestlearn.memory.mlp import (
     MemoryMLPSpec,
@@ -108,9 +108,9 @@ def aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor,
     with torch.no_grad():  # a metric of M_memory's inner loop: no graph
         sq = RankOneGrads(tuple(t[..., n_other, :, :] for t in grads.deltas),
                           tuple(t[..., min(n_other, t.shape[-3] - 1), :, :] for t in grads.inputs)).sq_norm()
-    new = dgd_update(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
+    new = update_chunk(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
                             grads, reads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
-                            None if decay is None else MomentumDecay(*decay), c.dgd, c.compile)
+                            None if decay is None else MomentumDecay(*decay), c.dgd, c.compile, c.step_bound)
     return (memory_out[..., 0, :, :], rates, sq, new.weights.layers,
             None if new.momentum is None else new.momentum.layers)
 

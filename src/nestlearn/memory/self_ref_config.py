@@ -31,7 +31,10 @@ class SelfRefTitansConfig:
     the memories overflow in context (white noise at the pilot's width: outputs ~1e18 after 256
     tokens, NaN by 1024); leave it off only with inputs and steps that keep v small. ``conv_kernel``:
     causal depthwise convolution of the inputs, 0 disables. ``eta_max``: bound of η_t.
-    ``init_scale``: initial memory weights are N(0, init_scale² / fan_in). ``mix_input``: a
+    ``init_scale``: initial memory weights are N(0, init_scale² / fan_in). ``step_bound``: scale
+    a chunk's steps so that their sum along the keys they share stays stable
+    (``dgd_chunk.chunk_step_scale``; the per-token recurrence is never changed); off, the chunk
+    form of Eq. 90 diverged in context where the per-token one did not. ``mix_input``: a
     learned d × d projection of x_t (after the convolution) before the head split, so that each
     head's memories read the whole token, as the paper's M_□: R^d -> R^d do; off, each head's
     memories read only its d/H slice of x_t and see the other heads' features only through
@@ -79,6 +82,7 @@ class SelfRefTitansConfig:
     static_projections: tuple[str, ...] = ("q",)
     weight_decay: bool = True
     mix_input: bool = False
+    step_bound: bool = True
     compile: bool = False
     activation_budget: float = 1.0
 

@@ -3,12 +3,17 @@ sizes > 1, Eq. 90): a readable loop, inner gradients by autograd, decays as expl
 
 For every token, in order: each group of memories takes its chunk-start snapshot (``anchor``)
 when a chunk begins; k_t, v_t, η_t, α_t and o_t are read from the anchors; every memory makes
-its target v̂ = M_anchor(v_t), takes ∇ℓ(M_anchor; k_t, v̂) by autograd (v̂ held fixed) and, layer
-by layer with its input z at the anchor, applies literally
+its target v̂ = M_anchor(v_t). When a chunk is complete, its tokens update the memories one at
+a time, in order (reads use the anchors, so nothing reads them earlier): each takes
+∇ℓ(M_anchor; k_t, v̂) by autograd (v̂ held fixed) and, layer by layer with its input z at the
+anchor, applies literally
 
-    η = η_t / max(1, ||z||²)                                  (the layer's step)
+    η = κ η_t / max(1, ||z||²)                                (the layer's step)
     S ← β S - η ∇ℓ                                           (S ≡ 0, β = 0 without momentum)
-    W ← W (α_t I - η z zᵀ) + S        (DGD)     or     W ← α_t W + S      (``dgd=False``).
+    W ← W (α_t I - η z zᵀ) + S        (DGD)     or     W ← α_t W + S      (``dgd=False``),
+
+with κ = 1, or with ``step_bound`` min(1, 1 / (2 λ̂)), λ̂ = max_j Σ_i √(η_i η_j) |z_i·z_j| over
+the chunk's tokens (``dgd_chunk.chunk_step_scale``), written out as loops.
 
 The fast path (``self_ref.SelfRefTitans.forward``) is tested against this.
 """
@@ -35,9 +40,10 @@ def layer_inputs(weights: MemoryWeights, k: Tensor, spec: MemoryMLPSpec) -> list
 
 def dgd_token_step(weights: MemoryWeights, momentum: MemoryWeights | None, anchor: MemoryWeights,
                    k: Tensor, v_hat: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor | None,
-                   spec: MemoryMLPSpec, dgd: bool) -> tuple[MemoryWeights, MemoryWeights | None]:
+                   spec: MemoryMLPSpec, dgd: bool, scales: list[Tensor] | None = None,
+                   ) -> tuple[MemoryWeights, MemoryWeights | None]:
     """One token's update of a batch of memories; k, v̂ ``(..., 1, d)``, η, α, β broadcast to
-    the weights' leading dims (``(...,)``)."""
+    the weights' leading dims (``(...,)``); ``scales``: κ of each layer, as η."""
     alias = anchor.map(lambda w: w.view_as(w))  # grad w.r.t. the weights, not through v̂
     grads = autograd_loss_grad(alias, k, v_hat, spec, create_graph=torch.is_grad_enabled())
     eta_, alpha_ = eta[..., None, None], alpha[..., None, None]
@@ -45,6 +51,8 @@ def dgd_token_step(weights: MemoryWeights, momentum: MemoryWeights | None, ancho
     for layer, (w, g, z) in enumerate(zip(weights.layers, grads.layers,
                                           layer_inputs(anchor, k, spec), strict=True)):
         eta_l = eta_ / z.square().sum((-2, -1), keepdim=True).clamp(min=1.0)  # z: (..., 1, in)
+        if scales is not None:
+            eta_l = eta_l * scales[layer][..., None, None]
         step = -eta_l * g
         if momentum is not None and beta is not None:
             step = beta[..., None, None] * momentum.layers[layer] + step
@@ -55,6 +63,36 @@ def dgd_token_step(weights: MemoryWeights, momentum: MemoryWeights | None, ancho
         else:
             new_w.append(alpha_ * w + step)
     return MemoryWeights(tuple(new_w)), None if momentum is None else MemoryWeights(tuple(new_s))
+
+
+def step_scales(anchor: MemoryWeights, tokens: list[tuple[Tensor, ...]], spec: MemoryMLPSpec,
+                ) -> list[Tensor]:
+    """κ of each layer for a chunk's tokens (k, v̂, η, α), by the definition, pair by pair."""
+    ks = [tok[0] for tok in tokens]
+    etas = [tok[2] for tok in tokens]
+    inputs = [layer_inputs(anchor, k, spec) for k in ks]
+    scales = []
+    for layer in range(len(anchor.layers)):
+        z = [zs[layer] for zs in inputs]  # (..., 1, in) each
+        step = [e / zi.square().sum((-2, -1)).clamp(min=1.0) for e, zi in zip(etas, z, strict=True)]
+        bound = torch.zeros_like(step[0])
+        for j in range(len(tokens)):
+            row = sum((step[i] * step[j]).sqrt() * (z[i] * z[j]).sum((-2, -1)).abs() for i in range(len(tokens)))
+            bound = torch.maximum(bound, torch.as_tensor(row))
+        scales.append(torch.where(2 * bound > 1, 1 / (2 * bound).clamp(min=1.0), torch.ones_like(bound)))
+    return scales
+
+
+def apply_chunk(weights: MemoryWeights, momentum: MemoryWeights | None, anchor: MemoryWeights,
+                tokens: list[tuple[Tensor, ...]], beta: Tensor | None, spec: MemoryMLPSpec, dgd: bool,
+                bounded: bool) -> tuple[MemoryWeights, MemoryWeights | None]:
+    """A complete chunk's tokens (k, v̂, η, α) applied one at a time, in order."""
+    with torch.no_grad():
+        scales = step_scales(anchor, tokens, spec) if bounded else None
+    for k, v_hat, eta, alpha in tokens:
+        weights, momentum = dgd_token_step(weights, momentum, anchor, k, v_hat, eta, alpha, beta, spec, dgd,
+                                           scales)
+    return weights, momentum
 
 
 def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
@@ -68,6 +106,8 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
     beta_other, beta_memory = (None, None) if log_momentum is None else (
         log_momentum[0].exp(), log_momentum[1].exp())
     other_anchor, memory_anchor = other, memory
+    other_tokens: list[tuple[Tensor, ...]] = []
+    memory_tokens: list[tuple[Tensor, ...]] = []
     outputs = []
     for t in range(x.shape[1]):
         if t % c.other_chunk_size == 0:
@@ -81,11 +121,15 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
         q_t = q[..., t:t + 1, :] if q is not None else writes.q
         assert q_t is not None
         outputs.append(mlp_forward(memory_anchor.layers, q_t, spec))
-        other, other_mom = dgd_token_step(
-            other, other_mom, other_anchor, k.unsqueeze(-3),
-            mlp_forward(other_anchor.layers, v.unsqueeze(-3), spec),
-            eta.unsqueeze(-1), alpha.unsqueeze(-1), beta_other, spec, c.dgd)
-        memory, memory_mom = dgd_token_step(
-            memory, memory_mom, memory_anchor, k, mlp_forward(memory_anchor.layers, v, spec),
-            eta, alpha, beta_memory, spec, c.dgd)
+        other_tokens.append((k.unsqueeze(-3), mlp_forward(other_anchor.layers, v.unsqueeze(-3), spec),
+                             eta.unsqueeze(-1), alpha.unsqueeze(-1)))
+        memory_tokens.append((k, mlp_forward(memory_anchor.layers, v, spec), eta, alpha))
+        if (t + 1) % c.other_chunk_size == 0:
+            other, other_mom = apply_chunk(other, other_mom, other_anchor, other_tokens, beta_other, spec,
+                                           c.dgd, c.step_bound)
+            other_tokens = []
+        if (t + 1) % c.memory_chunk_size == 0:
+            memory, memory_mom = apply_chunk(memory, memory_mom, memory_anchor, memory_tokens, beta_memory,
+                                             spec, c.dgd, c.step_bound)
+            memory_tokens = []
     return module.readout(torch.cat(outputs, dim=-2))
