@@ -35,7 +35,11 @@ with q and k L2-normalised and a causal depthwise convolution (window 4) on the 
 are generated from, and every ∇ℓ is taken at, the chunk-start memories M_□,t', while
 M_□,t = M_□,t-1 (α_t I - η_t k_t k_tᵀ) - η_t ∇ℓ(M_□,t'; …) still composes token by token.
 M_memory has its own chunk size (``memory_chunk_size``), the other four share
-``other_chunk_size``. With C = 1 it is the per-token recurrence above.
+``other_chunk_size``. With C = 1 it is the per-token recurrence above. ``step_bound`` (on)
+scales a chunk's steps η_t by κ = min(1, 1/(2 λ̂)) per memory and layer, λ̂ bounding the
+chunk's combined step along the inputs it shares (``dgd_chunk.chunk_step_scale``): the stale
+chunk-start gradients otherwise pile up along aligned keys, and the chunk form diverged where
+the per-token one did not. It never changes a single token's step (η <= η_max <= 0.5).
 
 Since outputs only read chunk-start memories, a chunk needs only its end state. Per layer,
 with z_i, δ_i the chunk-start inputs and gradients, γ_t = Π_{j<=t} α_j, p_t = W_{t-1} z_t
