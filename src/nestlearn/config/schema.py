@@ -110,8 +110,8 @@ class TitansConfig:
     `n_heads`), `memory_depth`/`memory_expansion` its MLP, `memory_chunk_size` the tokens whose
     gradients share one chunk-start state (Eq. 16), `memory_momentum`/`memory_forgetting` switch
     η/α of Eq. 13, `memory_max_lr` bounds θ, `memory_conv_kernel` the q/k/v convolution (0: off),
-    `memory_grad_clip` each token's surprise norm (null: off), `memory_write_bound` keeps a
-    chunk's write from stepping past its own loss's minimiser (false: the paper's unbounded
+    `memory_grad_clip` each token's surprise norm (null: off), `memory_write_bound` keeps the
+    state a chunk hands on from stepping past its loss's minimiser (false: the paper's unbounded
     write, which overflows on real text; `memory.write_bound`), `memory_compile` runs its complete
     chunks through torch.compile (`NeuralMemoryConfig.compile`). `segment_size`: MAC's segment
     length C (§4.1). `window`: the sliding attention window of MAG and MAL (§4.2-§4.3), the token

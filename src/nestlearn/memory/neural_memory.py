@@ -35,9 +35,9 @@ class NeuralMemoryConfig:
     Nested Learning M(k) = k + MLP(k); Titans has none). ``momentum=False``: η ≡ 0 (Eq. 10
     without past surprise); ``forgetting=False``: α ≡ 0. ``conv_kernel``: short causal
     depthwise convolution after the q/k/v projections, 0 disables. ``grad_clip``: max norm of
-    each token's gradient (all layers together), ``None`` disables. ``write_bound``: scale a
-    chunk's write so that it never steps past the minimiser of its own loss along its direction
-    (``memory.write_bound``; without it the memory overflows in context on real text, where a
+    each token's gradient (all layers together), ``None`` disables. ``write_bound``: scale the
+    write of the state a chunk hands on so that it never steps past the minimiser of the
+    chunk's loss along it (reads inside the chunk keep the paper's write; ``memory.write_bound``; without it the memory overflows in context on real text, where a
     chunk's keys are aligned); ``False`` is the paper's unbounded write. ``init_scale``: the
     initial memory weights are N(0, init_scale² / fan_in). ``output_gate``: RMS norm and
     SiLU-gate of §4.4 before the output projection. ``compile``: run each complete chunk's

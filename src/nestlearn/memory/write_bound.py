@@ -69,7 +69,7 @@ def write_scales(weights: Sequence[Tensor], trace: LossGradsTrace, w: Tensor, sp
 @torch.no_grad()
 def reference_write_scale(anchor: MemoryWeights, k: Tensor, write: MemoryWeights, w: Tensor,
                           spec: MemoryMLPSpec) -> Tensor:
-    """κ of one read, the slow way: ``write`` is -G (the chunk's write so far, ``(B, H, …)``
+    """κ of the state after a chunk's tokens so far, the slow way: ``write`` is -G (``(B, H, …)``
     per layer), ``k`` ``(B, H, n, d)`` the chunk's keys so far, ``w`` ``(B, H, n)`` their
     weights in it; J_j G by ``torch.func.jvp`` of M at ``anchor``."""
     sq_norm = write.sq_norm()
