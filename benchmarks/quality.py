@@ -158,10 +158,11 @@ def curve(run: Run, args: argparse.Namespace) -> list[tuple[int, float, float]]:
 
 def row(label: str, runs: list[Run], args: argparse.Namespace) -> dict[str, Any] | None:
     finals = [metrics(r, args) for r in runs]
-    if any(f is None or final_loss(r, args) is None for f, r in zip(finals, runs, strict=True)):
+    found = [final_loss(r, args) for r in runs]
+    losses = [x for x in found if x is not None]
+    if len(losses) < len(runs):
         return None
     done = [f for f in finals if f is not None]
-    losses = [float(f.get("val_loss", math.inf)) if not f.get("failed") else math.inf for f in done]
     bpb = [float(f.get("val_bpb", math.inf)) if not f.get("failed") else math.inf for f in done]
     return {"row": label, "model": runs[0].model, "lr": runs[0].lr, "seeds": [r.seed for r in runs],
             "tokens": runs[0].tokens, "params": done[0].get("params"),

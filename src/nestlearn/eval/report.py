@@ -169,9 +169,9 @@ def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
         figure = f'<img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
     else:
         figure = "<p>Install the <code>report</code> extra (matplotlib) for loss plots.</p>"
-    headline = {"status": _status(final)} | {k: final[k] for k in ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "step",
-                                      "tokens", "tokens_per_s", "train_time_s", "params")
-                if k in final}
+    figures = ("val_loss", "val_ppl", "val_bpb", "best_val_loss", "step", "tokens", "tokens_per_s",
+               "train_time_s", "params")
+    headline = {"status": _status(final), **{k: final[k] for k in figures if k in final}}
     if baseline is not None:
         headline["unigram_entropy_nats"] = baseline
     page = f"""<!doctype html><html><head><meta charset="utf-8">
