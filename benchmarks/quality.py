@@ -5,7 +5,7 @@ Every model is its family's smoke config (`transformer/pilot_smoke`, `titans/pil
 `hope/pilot_smoke`; parameters within ±3% of the Transformer's 2.164M), trained on the same
 data, tokenizer, batches (16 x 256 tokens a step), warmup and cosine schedule. Phases:
 
-  sweep      each model at three learning rates, seed 0, `--sweep-tokens` (default 1M)
+  sweep      each model at four learning rates, seed 0, `--sweep-tokens` (default 1M)
   final      each model at its best swept rate, seeds 0-2, `--final-tokens` (default 3M)
   ablations  HOPE at its best rate, seed 0, `--final-tokens`: the paper's rows (without DGD,
              momentum, weight decay or CMS; k or v a static projection, i.e. at the lowest
@@ -45,7 +45,7 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     "hope": ("hope/pilot_smoke", []),
     "hope_attention": ("hope/pilot_smoke", ["model.type=hope_attention"]),
 }
-LEARNING_RATES = (1.5e-3, 3e-3, 6e-3)
+LEARNING_RATES = (7.5e-4, 1.5e-3, 3e-3, 6e-3)
 SEEDS = (0, 1, 2)
 ABLATIONS: dict[str, list[str]] = {
     "no_dgd": ["model.self_ref.dgd=false"],

@@ -438,11 +438,12 @@ def compiled_twin(layer: SelfRefTitans, **overrides: object) -> SelfRefTitans:
     return twin
 
 
-def test_compiled_chunk_step_equals_eager() -> None:
+@pytest.mark.parametrize("in_chunk_reads", [False, True])
+def test_compiled_chunk_step_equals_eager(in_chunk_reads: bool) -> None:
     """``compile=True`` (torch.compile of each full aligned chunk) gives the eager path's
     outputs, states and outer gradients, in one call (with a tail) and split across calls.
     float64 on tiny shapes; inductor reassociates sums, hence 1e-9 and not bit equality."""
-    eager = make_layer(other_chunk_size=4, memory_chunk_size=4)
+    eager = make_layer(other_chunk_size=4, memory_chunk_size=4, in_chunk_reads=in_chunk_reads)
     compiled = compiled_twin(eager)
     x = inputs(14).requires_grad_()
     y, state = eager(x)
@@ -463,11 +464,12 @@ def test_compiled_chunk_step_equals_eager() -> None:
     assert_states_close(end, state)
 
 
-def test_layer_with_the_kernels_equals_torch() -> None:
+@pytest.mark.parametrize("in_chunk_reads", [False, True])
+def test_layer_with_the_kernels_equals_torch(in_chunk_reads: bool) -> None:
     """``compile=True`` on the general path (unequal chunk sizes: eager, no torch.compile) solves
     its DGD systems and makes the DGD update's products with the kernels: the same outputs,
     first and second derivatives as with torch's solves and products, in float64."""
-    plain = make_layer(other_chunk_size=4, memory_chunk_size=2)
+    plain = make_layer(other_chunk_size=4, memory_chunk_size=2, in_chunk_reads=in_chunk_reads)
     kernel = compiled_twin(plain)
     x = inputs(11).requires_grad_()
     y = plain(x)[0]
@@ -607,3 +609,72 @@ def test_without_the_step_bound_the_chunk_form_overflows_where_the_per_token_one
         sizes = [float(m(x)[0].abs().max()) for m in (layer, per_token, bounded)]
     assert not math.isfinite(sizes[0]) or sizes[0] > 1e6, sizes
     assert sizes[1] < 100 and sizes[2] < 100, sizes
+
+
+# In-chunk reads (``in_chunk_reads``): o_t = M_memory,t-1(q_t), earlier writes of the chunk visible.
+
+@pytest.mark.parametrize(("other_chunk", "memory_chunk", "t"), [
+    (1, 1, 7), (4, 4, 12), (3, 4, 10), (3, 5, 11), (5, 1, 10), (4, 16, 7)])
+def test_in_chunk_reads_equal_the_per_token_reference(other_chunk: int, memory_chunk: int, t: int) -> None:
+    """Per-token (C = 1), a divisor and non-divisors of T, unequal groups (general path) and
+    T < C: outputs and outer gradients equal the loop that applies each token's update before
+    the next token reads."""
+    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk, in_chunk_reads=True)
+    x = inputs(t).requires_grad_()
+    y, _ = layer(x)
+    torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+    assert_outer_grads_match_reference(layer, x, y)
+
+
+def test_in_chunk_reads_see_the_chunks_writes_and_per_token_change_nothing() -> None:
+    """At C = 1 the chunk-start memory is M_t-1: the switch changes nothing; at C = 4 it does."""
+    x = inputs(11)
+    for chunk, changes in ((1, False), (4, True)):
+        on = make_layer(other_chunk_size=chunk, memory_chunk_size=chunk, in_chunk_reads=True)
+        off = make_layer(other_chunk_size=chunk, memory_chunk_size=chunk)
+        with torch.no_grad():
+            gap = float((on(x)[0] - off(x)[0]).abs().max())
+        assert (gap > 1e-3) == changes, (chunk, gap)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": False}, {"dgd": False}, {"static_projections": ()},
+                                     {"other_chunk_size": 4}])
+def test_in_chunk_reads_stream_like_one_call(options: dict[str, object]) -> None:
+    """Split calls and one token at a time give one call's outputs and states: a partial chunk's
+    tokens read the writes buffered by earlier calls."""
+    layer = make_layer(**{"other_chunk_size": 3, "memory_chunk_size": 4, "in_chunk_reads": True, **options})
+    x = inputs(13)
+    y, state = layer(x)
+    torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+    for bounds in (((0, 2), (2, 7), (7, 8), (8, 13)), tuple((i, i + 1) for i in range(13))):
+        parts, split_state = [], None
+        for a, b in bounds:
+            out, split_state = layer(x[:, a:b], split_state)
+            parts.append(out)
+        torch.testing.assert_close(torch.cat(parts, 1), y, rtol=1e-9, atol=1e-10)
+        assert split_state is not None
+        assert_states_close(split_state, state)
+
+
+@pytest.mark.parametrize(("other_chunk", "memory_chunk", "t"), [(4, 4, 11), (3, 4, 10)])
+def test_in_chunk_reads_with_the_step_bound_acting_are_causal_and_exact(other_chunk: int, memory_chunk: int,
+                                                                       t: int) -> None:
+    """Where κ < 1 (large steps on aligned inputs; v normalised, as in hope, since without it
+    this input overflows even per token): values and gradients equal the reference, which reads
+    through κ = 1 (the bound needs the whole chunk), and no output depends on a later input."""
+    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk, in_chunk_reads=True,
+                       v_norm=True)
+    with torch.no_grad():
+        layer.readout_bias[0].fill_(4.0)
+    x = aligned_inputs(t).requires_grad_()
+    y, _ = layer(x)
+    free = SelfRefTitans(dataclasses.replace(layer.config, step_bound=False)).to(F64)
+    free.load_state_dict(layer.state_dict())
+    assert (free(x)[0] - y).abs().max() > 1e-3  # the bound acts
+    torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
+    assert_outer_grads_match_reference(layer, x, y)
+    with torch.no_grad():  # changing the inputs after token i leaves y_0..y_i as they were
+        for i in range(t - 1):
+            changed = x.detach().clone()
+            changed[:, i + 1:] = aligned_inputs(t - i - 1, spread=1.0)
+            torch.testing.assert_close(layer(changed)[0][:, :i + 1], y[:, :i + 1], rtol=0, atol=0)

@@ -210,6 +210,8 @@ class SelfRefConfig:
     `[q, k]` or `[q, v]` are the ablations, `[]` generates q by a memory too). `v_norm`
     L2-normalises v as the paper does q and k: not in the paper, but without it the
     self-generated targets feed back and overflow within a few hundred tokens at our init.
+    `in_chunk_reads` lets o_t read the memory with its chunk's earlier writes applied (the
+    per-token recurrence's read; false: the chunk-start memory, Eq. 90's read, the ablation).
     `mix_input` gives every head's memories the whole token (a d x d projection before the head
     split, as the paper's R^d -> R^d memories; off: each reads its d/H slice). `step_bound`
     keeps a chunk's summed steps stable (`dgd_chunk.chunk_step_scale`; false: Eq. 90 as is,
@@ -230,6 +232,7 @@ class SelfRefConfig:
     eta_max: float = 0.5
     weight_decay: bool = True
     static_projections: list[str] = field(default_factory=lambda: ["q"])
+    in_chunk_reads: bool = False
     mix_input: bool = False
     step_bound: bool = True
     compile: bool = False  # torch.compile each chunk step (SelfRefTitansConfig.compile)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from nestlearn.memory import cpu_kernels
 from nestlearn.memory.chunked import segment_sums
-from nestlearn.memory.mlp import RankOneGrads, linear
+from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, activate, linear
 from nestlearn.memory.self_ref_config import COMPILE_OPTION
 from nestlearn.memory.state import MemoryWeights
 
@@ -93,6 +93,48 @@ def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ..
     return GroupState(MemoryWeights(tuple(ws)), None if state.momentum is None else MemoryWeights(tuple(ss)))
 
 
+def read_chunk(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] | None, eta: Tensor,
+               log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool, kernel: bool, queries: Tensor,
+               spec: MemoryMLPSpec) -> Tensor:
+    """M_{t-1}(y_t) for the last m of a chunk's n tokens (``queries`` y ``(..., m, d)``): each
+    token reads the memory with the writes of the chunk's earlier tokens applied (Eq. 83-88's
+    read, with Eq. 90's chunk-start gradients), layer by layer from the closed form of W_{t-1}
+    (module docstring of ``self_ref``):
+
+        W_{t-1} y = γ_{t-1} W_0 y + b_{t-1} S_0 y - Σ_{j<t} c_{t-1,j} η_j (z_j·y) δ_j
+                    - Σ_{s<t} (γ_{t-1}/γ_s) η_s (z_s·y) p_s.
+
+    ``grads``, ``eta``, ``log_alpha``, ``momentum`` (built for n tokens) as in
+    ``dgd_chunk_update``; ``pre``: the chunk-start reads W^(l)_0 z^(l), if already computed.
+    The steps are the paper's, never ``chunk_step_scale``'s κ: κ depends on the whole chunk,
+    later tokens included, so a read through it would see the future. What compounds from chunk
+    to chunk, the state, is bounded; a read inside a chunk is W_0 plus at most n stale steps
+    through contracting DGD factors, and the next chunk reads the bounded state."""
+    if state.momentum is not None and momentum is None:
+        raise ValueError("a group with momentum needs its momentum decay")
+    n, m = eta.shape[-1], queries.shape[-2]
+    rows = slice(n - m, n)
+    decays = _ChunkDecays.build(log_alpha, momentum if state.momentum is not None else None, kernel)
+    s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
+    option = kernel_option(kernel)
+    a = queries
+    for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
+                                                   strict=True)):
+        co = decays.coefficients(layer_step(eta, z), dgd)
+        scores = kernel_matmul(a, z.transpose(-1, -2), kernel)  # [t, s] = y_t·z_s
+        u = torch.addcmul(kernel_matmul(co.c_prev_eta[..., rows, :] * scores, delta, kernel),
+                          co.gamma_prev[..., rows, :], linear(w0, a, option))
+        if s0 is not None and co.b_prev is not None:
+            u = torch.addcmul(u, co.b_prev[..., rows, :], linear(s0, a, option))
+        if dgd:
+            read = linear(w0, z, option) if pre is None else pre[layer]
+            _, p = DgdLayer.solve(s0, delta, z, read, co.c_prev_eta, co.gamma_prev, co.decay_eta, co.b_prev,
+                                  kernel)
+            u = u - kernel_matmul(co.decay_eta[..., rows, :] * scores, p, kernel)
+        a = activate(u, spec.activation) if layer < len(state.weights.layers) - 1 else u
+    return a + queries if spec.residual else a
+
+
 @dataclass(frozen=True)
 class MomentumDecay:
     """The factors of a chunk that depend on the momentum decay β alone, with E_s = Π_{j<=s} β_j
@@ -115,6 +157,11 @@ class MomentumDecay:
         e_n, last = rows[..., -1, :].split_with_sizes([1, n], dim=-1)
         return MomentumDecay(first.contiguous(), ratios.contiguous(), e_n.unsqueeze(-1).contiguous(),
                               last.contiguous())
+
+    def prefix(self, n: int) -> MomentumDecay:
+        """The factors of the chunk's first n tokens (β constant: a partial chunk's own)."""
+        ratios = self.ratios[..., :n, :n]
+        return MomentumDecay(self.first[..., :n, :], ratios, self.first[..., n - 1:n, :], ratios[..., n - 1, :])
 
 
 def segment_differences(x: Tensor) -> Tensor:

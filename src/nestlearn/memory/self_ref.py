@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from nestlearn.memory import cpu_kernels
 from nestlearn.memory.conv import causal_depthwise_conv
-from nestlearn.memory.dgd_chunk import GroupState, MomentumDecay, dgd_chunk_update
+from nestlearn.memory.dgd_chunk import GroupState, MomentumDecay, dgd_chunk_update, read_chunk, update_chunk
 from nestlearn.memory.mlp import l2_loss_grads, mlp_forward
 from nestlearn.memory.self_ref_chunk import TokenWrites, aligned_chunk, compiled_chunk, token_writes
 from nestlearn.memory.self_ref_config import (
@@ -323,16 +323,21 @@ class SelfRefTitans(nn.Module):
 
         def memory_step(group: GroupState, start: int, first: int, end: int, complete: bool,
                         ) -> tuple[Tensor, GroupState | None]:
-            o = mlp_forward(group.weights.layers, queries[..., first - p_mem:end - p_mem, :], spec)
-            if not complete:
-                return o, None
+            new_queries = queries[..., first - p_mem:end - p_mem, :]
+            if not (complete or c.in_chunk_reads):
+                return mlp_forward(group.weights.layers, new_queries, spec), None
             w = stream.slice(start, end)
             v_hat = mlp_forward(group.weights.layers, w.v, spec)
             grads = l2_loss_grads(group.weights.layers, w.k, v_hat, spec)
+            decay = None if group.momentum is None else MomentumDecay.build(w.log_eta)
+            o = (read_chunk(group, grads, None, w.theta, w.log_keep, decay, c.dgd, c.compile, new_queries, spec)
+                 if c.in_chunk_reads else mlp_forward(group.weights.layers, new_queries, spec))
+            if not complete:
+                return o, None
             with torch.no_grad():  # a metric: no graph
                 surprise.append(grads.sq_norm())
-            return o, dgd_chunk_update(group, grads, w.theta, w.log_keep, w.log_eta, c.dgd, c.compile,
-                                       c.step_bound)
+            return o, update_chunk(group, grads, None, w.theta, w.log_keep, decay, c.dgd, c.compile,
+                                   c.step_bound)
 
         outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
         o = torch.cat(outs, dim=-2) if outs else q

@@ -18,6 +18,7 @@ from nestlearn.memory.dgd_chunk import (
     MomentumDecay,
     kernel_matmul,
     kernel_option,
+    read_chunk,
     update_chunk,
 )
 from nestlearn.memory.mlp import (
@@ -99,20 +100,40 @@ def aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor,
     inp = torch.cat([xs.unsqueeze(-3).expand(*xs.shape[:-2], n_other, n, xs.shape[-1]), qs.unsqueeze(-3)], dim=-3)
     other_out, memory_out = mlp_forward(weights, inp, spec, kernel_option(c.compile)).split_with_sizes([n_other, 1], dim=-3)
     tw = token_writes(c, other_out, xs, readout_weight, readout_bias, to_k, to_v)
+    o = memory_out[..., 0, :, :]
+    if c.in_chunk_reads or complete:
+        grads, reads = _target_grads(weights, tw.v, tw.k, spec, c.compile)
+    if c.in_chunk_reads:
+        o = _memory_reads(c, weights, momentum, decay, grads, reads, tw, qs)
     if not complete:
         pack = torch.cat([tw.k, tw.v, tw.eta.unsqueeze(-1), tw.log_alpha.unsqueeze(-1)], dim=-1)
-        return memory_out[..., 0, :, :], pack, None, None, None
+        return o, pack, None, None, None
     with torch.no_grad():
         rates = torch.stack([tw.eta, tw.log_alpha], dim=-1)
-    grads, reads = _target_grads(weights, tw.v, tw.k, spec, c.compile)
     with torch.no_grad():  # a metric of M_memory's inner loop: no graph
         sq = RankOneGrads(tuple(t[..., n_other, :, :] for t in grads.deltas),
                           tuple(t[..., min(n_other, t.shape[-3] - 1), :, :] for t in grads.inputs)).sq_norm()
     new = update_chunk(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
                             grads, reads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
                             None if decay is None else MomentumDecay(*decay), c.dgd, c.compile, c.step_bound)
-    return (memory_out[..., 0, :, :], rates, sq, new.weights.layers,
-            None if new.momentum is None else new.momentum.layers)
+    return o, rates, sq, new.weights.layers, None if new.momentum is None else new.momentum.layers
+
+
+def _memory_reads(c: SelfRefTitansConfig, weights: tuple[Tensor, ...], momentum: tuple[Tensor, ...] | None,
+                  decay: tuple[Tensor, Tensor, Tensor, Tensor] | None, grads: RankOneGrads, pre: tuple[Tensor, ...],
+                  tw: TokenWrites, qs: Tensor) -> Tensor:
+    """M_memory's in-chunk reads (``read_chunk``) of the chunk's normalised queries qs, from its
+    slice (the last, after the ``generated`` ones) of the stacked memories and their gradients."""
+    index = len(c.generated)
+
+    def pick(t: Tensor) -> Tensor:  # a first layer's input k is shared: size 1 on the stack dim
+        return t[..., min(index, t.shape[-3] - 1), :, :]
+
+    state = GroupState(MemoryWeights(tuple(map(pick, weights))),
+                       None if momentum is None else MemoryWeights(tuple(map(pick, momentum))))
+    beta = None if decay is None else MomentumDecay(*(f[:, index] for f in decay)).prefix(qs.shape[-2])
+    return read_chunk(state, RankOneGrads(tuple(map(pick, grads.deltas)), tuple(map(pick, grads.inputs))),
+                      tuple(map(pick, pre)), tw.eta, tw.log_alpha, beta, c.dgd, c.compile, qs, c.spec())
 
 
 @functools.cache

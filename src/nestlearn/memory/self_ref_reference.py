@@ -15,6 +15,11 @@ anchor, applies literally
 with κ = 1, or with ``step_bound`` min(1, 1 / (2 λ̂)), λ̂ = max_j Σ_i √(η_i η_j) |z_i·z_j| over
 the chunk's tokens (``dgd_chunk.chunk_step_scale``), written out as loops.
 
+With ``in_chunk_reads`` o_t reads instead the per-token weights M_memory,t-1: the chunk-start
+memory with the chunk's earlier tokens applied one at a time by the same update, with κ = 1
+(the bound depends on the whole chunk, so a read through it would see later tokens); the state
+a complete chunk hands on is the bounded one above.
+
 The fast path (``self_ref.SelfRefTitans.forward``) is tested against this.
 """
 
@@ -106,6 +111,7 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
     beta_other, beta_memory = (None, None) if log_momentum is None else (
         log_momentum[0].exp(), log_momentum[1].exp())
     other_anchor, memory_anchor = other, memory
+    read, read_mom = memory, memory_mom  # M_memory,t-1 for in-chunk reads
     other_tokens: list[tuple[Tensor, ...]] = []
     memory_tokens: list[tuple[Tensor, ...]] = []
     outputs = []
@@ -113,17 +119,19 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
         if t % c.other_chunk_size == 0:
             other_anchor = other
         if t % c.memory_chunk_size == 0:
-            memory_anchor = memory
+            memory_anchor = read = memory
+            read_mom = memory_mom
         x_t = xh[..., t:t + 1, :]
         writes = module.token_writes(mlp_forward(other_anchor.layers, x_t.unsqueeze(-3), spec), x_t)
         k, v = writes.k, writes.v
         eta, alpha = writes.eta[..., 0], writes.log_alpha[..., 0].exp()  # (B, H)
         q_t = q[..., t:t + 1, :] if q is not None else writes.q
         assert q_t is not None
-        outputs.append(mlp_forward(memory_anchor.layers, q_t, spec))
+        outputs.append(mlp_forward((read if c.in_chunk_reads else memory_anchor).layers, q_t, spec))
         other_tokens.append((k.unsqueeze(-3), mlp_forward(other_anchor.layers, v.unsqueeze(-3), spec),
                              eta.unsqueeze(-1), alpha.unsqueeze(-1)))
         memory_tokens.append((k, mlp_forward(memory_anchor.layers, v, spec), eta, alpha))
+        read, read_mom = dgd_token_step(read, read_mom, memory_anchor, *memory_tokens[-1], beta_memory, spec, c.dgd)
         if (t + 1) % c.other_chunk_size == 0:
             other, other_mom = apply_chunk(other, other_mom, other_anchor, other_tokens, beta_other, spec,
                                            c.dgd, c.step_bound)
