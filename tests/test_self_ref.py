@@ -98,8 +98,10 @@ def test_per_token_fast_path_equals_reference(momentum: bool, dgd: bool) -> None
 
 @pytest.mark.parametrize(("other_chunk", "memory_chunk", "t"), [
     (4, 4, 11), (3, 5, 11), (8, 2, 13), (16, 16, 7), (1, 6, 10), (5, 1, 10)])
-def test_chunked_fast_path_equals_chunkwise_reference(other_chunk: int, memory_chunk: int, t: int) -> None:
-    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk)
+@pytest.mark.parametrize("in_chunk_reads", [True, False])
+def test_chunked_fast_path_equals_chunkwise_reference(other_chunk: int, memory_chunk: int, t: int,
+                                                      in_chunk_reads: bool) -> None:
+    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk, in_chunk_reads=in_chunk_reads)
     x = inputs(t)
     y, _ = layer(x)
     torch.testing.assert_close(y, reference_self_ref(layer, x), rtol=1e-9, atol=1e-10)
@@ -236,11 +238,14 @@ def test_one_call_equals_split_calls_and_token_by_token(momentum: bool) -> None:
 def test_gradients_equal_reference(other_chunk: int, memory_chunk: int, t: int) -> None:
     """The outer gradient flows through the in-context updates into W_q, the convolution, the
     meta-learned initial memories, readouts, momenta and the output projection (tail chunks
-    shorter than C; with T < C of M_memory the output reads only its initial state, so some
-    parameters get no gradient in either path)."""
-    layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk)
-    x = inputs(t).requires_grad_()
-    assert_outer_grads_match_reference(layer, x, layer(x)[0], allow_unused=t < memory_chunk)
+    shorter than C; with chunk-start reads and T < C of M_memory the output reads only its
+    initial state, so some parameters get no gradient in either path)."""
+    for in_chunk_reads in (True, False):
+        layer = make_layer(other_chunk_size=other_chunk, memory_chunk_size=memory_chunk,
+                           in_chunk_reads=in_chunk_reads)
+        x = inputs(t).requires_grad_()
+        assert_outer_grads_match_reference(layer, x, layer(x)[0],
+                                           allow_unused=not in_chunk_reads and t < memory_chunk)
 
 
 def test_gradcheck_tiny() -> None:
@@ -631,7 +636,7 @@ def test_in_chunk_reads_see_the_chunks_writes_and_per_token_change_nothing() -> 
     x = inputs(11)
     for chunk, changes in ((1, False), (4, True)):
         on = make_layer(other_chunk_size=chunk, memory_chunk_size=chunk, in_chunk_reads=True)
-        off = make_layer(other_chunk_size=chunk, memory_chunk_size=chunk)
+        off = make_layer(other_chunk_size=chunk, memory_chunk_size=chunk, in_chunk_reads=False)
         with torch.no_grad():
             gap = float((on(x)[0] - off(x)[0]).abs().max())
         assert (gap > 1e-3) == changes, (chunk, gap)

@@ -232,7 +232,7 @@ class SelfRefConfig:
     eta_max: float = 0.5
     weight_decay: bool = True
     static_projections: list[str] = field(default_factory=lambda: ["q"])
-    in_chunk_reads: bool = False
+    in_chunk_reads: bool = True
     mix_input: bool = False
     step_bound: bool = True
     compile: bool = False  # torch.compile each chunk step (SelfRefTitansConfig.compile)

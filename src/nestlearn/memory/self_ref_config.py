@@ -85,7 +85,7 @@ class SelfRefTitansConfig:
     init_scale: float = 1.0
     static_projections: tuple[str, ...] = ("q",)
     weight_decay: bool = True
-    in_chunk_reads: bool = False
+    in_chunk_reads: bool = True
     mix_input: bool = False
     step_bound: bool = True
     compile: bool = False
