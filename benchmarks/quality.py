@@ -10,7 +10,8 @@ data, tokenizer, batches (16 x 256 tokens a step), warmup and cosine schedule. P
   ablations  HOPE at its best rate, seed 0, `--final-tokens`: the paper's rows (without DGD,
              momentum, weight decay or CMS; k or v a static projection, i.e. at the lowest
              frequency), no self-modification (k, v, q static), and issue 19's fixes undone
-             one at a time (the level-clock rules `optimizer.level_lr`, chunk-start reads)
+             one at a time (the level-clock rules `optimizer.level_lr`, chunk-start reads) or,
+             for fix 3, switched on (`mix_input`: the generators read the whole token)
 
 Each run is a `nestlearn` run directory under `--out-dir`; a run that was cut off resumes from
 its last checkpoint and a finished one is not trained again, so the same command picks up where
@@ -62,6 +63,7 @@ ABLATIONS: dict[str, list[str]] = {
     "level_lr_mean": ["optimizer.level_lr=mean"],  # the level clocks before fix 1
     "level_lr_linear": ["optimizer.level_lr=linear"],
     "chunk_start_read": ["model.self_ref.in_chunk_reads=false"],  # the reads before fix 2
+    "mix_input": ["model.self_ref.mix_input=true"],  # fix 3: generators see the whole token
 }
 BATCH, SEQ_LEN = 16, 256
 

@@ -50,6 +50,8 @@ def make_layer(seed: int = 0, **overrides: object) -> SelfRefTitans:
             layer.conv_weight.add_(0.3 * torch.randn_like(layer.conv_weight))
         if layer.momentum_logit is not None:
             layer.momentum_logit.normal_()
+        if layer.to_x is not None:
+            layer.to_x.weight.add_(0.3 * torch.randn_like(layer.to_x.weight))
     return layer
 
 
@@ -173,6 +175,18 @@ def test_with_mixed_inputs_a_heads_memories_read_the_whole_token(mix: bool) -> N
     cache = layer.initial_state(x.shape[0]).conv_cache
     head0, head0_moved = (layer.project(v, cache)[0][:, 0] for v in (x, moved))
     assert (head0 - head0_moved).abs().max() > 1e-3 if mix else torch.equal(head0, head0_moved)
+
+
+def test_input_mixing_starts_as_the_identity() -> None:
+    """At initialisation ``mix_input`` changes nothing: the same outputs as without it."""
+    torch.manual_seed(0)
+    plain = SelfRefTitans(SelfRefTitansConfig(d_model=8, heads=2, head_dim=4, memory_chunk_size=3,
+                                              other_chunk_size=3)).to(F64)
+    mixed = SelfRefTitans(dataclasses.replace(plain.config, mix_input=True)).to(F64)
+    assert mixed.to_x is not None
+    mixed.load_state_dict({**plain.state_dict(), "to_x.weight": mixed.to_x.weight.detach()})
+    x = inputs(7)
+    torch.testing.assert_close(mixed(x)[0], plain(x)[0], rtol=0, atol=0)
 
 
 def test_ablation_options_shape_the_layer() -> None:

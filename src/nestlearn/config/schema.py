@@ -213,9 +213,10 @@ class SelfRefConfig:
     `in_chunk_reads` lets o_t read the memory with its chunk's earlier writes applied (the
     per-token recurrence's read; false: the chunk-start memory, Eq. 90's read, the ablation).
     `mix_input` gives every head's memories the whole token (a d x d projection before the head
-    split, as the paper's R^d -> R^d memories; off: each reads its d/H slice). `step_bound`
-    keeps a chunk's summed steps stable (`dgd_chunk.chunk_step_scale`; false: Eq. 90 as is,
-    which diverged at chunk 8). `compile` runs each chunk through torch.compile; `activation_budget` (with it) is the share
+    split, as the paper's R^d -> R^d memories, starting as the identity; off, the default, as it
+    trained worse at smoke scale: each reads its d/H slice). `step_bound` keeps a chunk's summed
+    steps stable (`dgd_chunk.chunk_step_scale`; false: Eq. 90 as is, which diverged at chunk 8).
+    `compile` runs each chunk through torch.compile; `activation_budget` (with it) is the share
     of the compiled chunk's activations kept for backward, the rest recomputed there
     (`SelfRefTitansConfig.activation_budget`): what lets long sequences train without
     `train.activation_checkpointing`."""

@@ -71,7 +71,13 @@ from torch import Tensor, nn
 
 from nestlearn.memory import cpu_kernels
 from nestlearn.memory.conv import causal_depthwise_conv
-from nestlearn.memory.dgd_chunk import GroupState, MomentumDecay, dgd_chunk_update, read_chunk, update_chunk
+from nestlearn.memory.dgd_chunk import (
+    GroupState,
+    MomentumDecay,
+    dgd_chunk_update,
+    read_chunk,
+    update_chunk,
+)
 from nestlearn.memory.mlp import l2_loss_grads, mlp_forward
 from nestlearn.memory.self_ref_chunk import TokenWrites, aligned_chunk, compiled_chunk, token_writes
 from nestlearn.memory.self_ref_config import (
@@ -195,7 +201,8 @@ class SelfRefTitans(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Initialise what ``nn.Linear`` does not: memories, readouts, convolution (identity)."""
+        """Initialise what ``nn.Linear`` does not: memories, readouts, convolution and input
+        mixing (identities)."""
         c = self.config
         with torch.no_grad():
             for w in (*self.other_init, *self.memory_init):
@@ -207,6 +214,8 @@ class SelfRefTitans(nn.Module):
             if self.conv_weight is not None:
                 self.conv_weight.zero_()
                 self.conv_weight[..., -1] = 1.0
+            if self.to_x is not None:  # mixing starts as the per-slice layer and learns from there
+                self.to_x.weight.copy_(torch.eye(c.d_model))
             if self.momentum_logit is not None:
                 self.momentum_logit.zero_()
 

@@ -34,13 +34,14 @@ class SelfRefTitansConfig:
     ``init_scale``: initial memory weights are N(0, init_scale² / fan_in). ``step_bound``: scale
     a chunk's steps so that their sum along the keys they share stays stable
     (``dgd_chunk.chunk_step_scale``; the per-token recurrence is never changed); off, the chunk
-    form of Eq. 90 diverged in context where the per-token one did not. ``in_chunk_reads``: o_t = M_memory,t-1(q_t) reads the memory
-    with the writes of the earlier tokens of its own chunk applied, as the per-token recurrence
-    does (``dgd_chunk.read_chunk``); off, o_t = M_memory,t'(q_t) reads the chunk-start memory
-    (Eq. 90's read), so that inside a chunk a token sees its neighbours only through the
-    convolution. ``mix_input``: a
-    learned d × d projection of x_t (after the convolution) before the head split, so that each
-    head's memories read the whole token, as the paper's M_□: R^d -> R^d do; off, each head's
+    form of Eq. 90 diverged in context where the per-token one did not. ``in_chunk_reads``:
+    o_t = M_memory,t-1(q_t) reads the memory with the writes of the earlier tokens of its own
+    chunk applied, as the per-token recurrence does (``dgd_chunk.read_chunk``); off,
+    o_t = M_memory,t'(q_t) reads the chunk-start memory (Eq. 90's read), so that inside a chunk
+    a token sees its neighbours only through the convolution. ``mix_input``: a learned d × d
+    projection of x_t (after the convolution, initialised to the identity) before the head
+    split, so that each head's memories read the whole token, as the paper's M_□: R^d -> R^d
+    do; off (the default: it trained worse at smoke scale, docs/results.md), each head's
     memories read only its d/H slice of x_t and see the other heads' features only through
     ``to_out`` and the next layer (the static q is projected from the whole token either way).
 

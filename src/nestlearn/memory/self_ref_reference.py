@@ -130,8 +130,9 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
         outputs.append(mlp_forward((read if c.in_chunk_reads else memory_anchor).layers, q_t, spec))
         other_tokens.append((k.unsqueeze(-3), mlp_forward(other_anchor.layers, v.unsqueeze(-3), spec),
                              eta.unsqueeze(-1), alpha.unsqueeze(-1)))
-        memory_tokens.append((k, mlp_forward(memory_anchor.layers, v, spec), eta, alpha))
-        read, read_mom = dgd_token_step(read, read_mom, memory_anchor, *memory_tokens[-1], beta_memory, spec, c.dgd)
+        v_hat = mlp_forward(memory_anchor.layers, v, spec)
+        memory_tokens.append((k, v_hat, eta, alpha))
+        read, read_mom = dgd_token_step(read, read_mom, memory_anchor, k, v_hat, eta, alpha, beta_memory, spec, c.dgd)
         if (t + 1) % c.other_chunk_size == 0:
             other, other_mom = apply_chunk(other, other_mom, other_anchor, other_tokens, beta_other, spec,
                                            c.dgd, c.step_bound)
