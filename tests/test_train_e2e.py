@@ -126,10 +126,19 @@ def test_cli_run_writes_report(tiny_root: Path, tiny_prepared: Any, tmp_path: Pa
     run_dir = tmp_path / "tiny"
     assert f"report: {run_dir / 'report.html'}" in proc.stdout
     for name in ("metrics.jsonl", "metrics.json", "config.json", "loss.png", "report.html",
-                 "data_stats.json"):
+                 "data_stats.json", "tokenizer.model", "samples.json"):
         assert (run_dir / name).is_file(), name
     html = (run_dir / "report.html").read_text()
-    assert "data:image/png;base64," in html and "val_loss" in html
+    assert "data:image/png;base64," in html and "val_loss" in html and "<h2>Samples</h2>" in html
+    samples = json.loads((run_dir / "samples.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == list(pipeline.SAMPLE_PROMPTS)
+    assert all(s["text"] for s in samples)
+    sample = subprocess.run([sys.executable, "-m", "nestlearn", "sample", str(run_dir), "--prompt",
+                             "def ", "--max-new-tokens", "12", "--temperature", "0"],
+                            capture_output=True, text=True, check=False, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert sample.stdout.startswith("def ") and len(sample.stdout) > len("def \n")
+    assert "step_000010" in sample.stderr
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["step"] == 10 and final["val_loss"] > 0
     # Running again resumes at the end: no retraining, same figures, report rewritten.

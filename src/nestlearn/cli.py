@@ -42,9 +42,47 @@ def _parser() -> argparse.ArgumentParser:
     add("config", "print the resolved config as JSON")
     report = sub.add_parser("report", help="rebuild the report of a finished run directory")
     report.add_argument("run_dir", type=Path)
+    _add_sample(sub)
     sub.add_parser("configs", help="list the configs that --config-name accepts")
     sub.add_parser("models", help="list the registered model types")
     return parser
+
+
+def _add_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    text = "write text with a trained model (the run's newest valid checkpoint and tokenizer)"
+    p = sub.add_parser("sample", help=text, description=text)
+    p.add_argument("run_dir", type=Path, help="a run directory or one checkpoint directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="keep the smallest set of tokens with this much probability (1: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end at this text (repeatable; not printed)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from nestlearn.generate import SamplingConfig, generate
+    from nestlearn.loading import load
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              stop=tuple(args.stop))
+    loaded = load(args.run_dir, device=args.device)
+    print(f"# {loaded.checkpoint} ({loaded.config.model.type})", file=sys.stderr)
+    sys.stdout.write(args.prompt)
+    generate(loaded.model, loaded.tokenizer, args.prompt, sampling, on_text=_write)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _write(piece: str) -> None:
+    """Streams generated text as it comes."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
 
 
 def _compare(value: str | None, config_name: str) -> str:
@@ -85,6 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print("\n".join(models.available()))
         return 0
+    if args.command == "sample":
+        return _sample(args)
     if args.command == "report":
         from nestlearn.eval.report import write_report
 

@@ -17,10 +17,13 @@ from nestlearn import models
 from nestlearn.config.loader import load_config, to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import PreparedData, prepare_data
-from nestlearn.eval.report import write_report
+from nestlearn.data.tokenizer import MODEL_FILE as TOKENIZER_FILE
+from nestlearn.eval.report import SAMPLES_FILE, write_report
+from nestlearn.generate import SamplingConfig, generate
+from nestlearn.loading import load
 from nestlearn.train.trainer import Trainer, TrainingDiverged
 from nestlearn.utils.host_memory import retain_freed_memory
-from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.io import atomic_write_bytes, atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
 from nestlearn.utils.seeding import seed_everything
 
@@ -73,6 +76,8 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", to_dict(cfg))
     atomic_write_json(run_dir / "data_stats.json", data.stats)
+    # the run directory carries its tokenizer, so that `nestlearn.load` needs nothing else
+    atomic_write_bytes(run_dir / TOKENIZER_FILE, data.tokenizer_path.read_bytes())
     log(f"model {cfg.model.type}: {model.num_params():,} parameters "
         f"({model.num_params(exclude_embeddings=True):,} without embeddings)")
     trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log)
@@ -87,6 +92,23 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     final["unigram_entropy_nats"] = data.stats.get("unigram_entropy_nats")
     atomic_write_json(run_dir / "metrics.json", final)
     return run_dir, final
+
+
+SAMPLE_PROMPTS = ("\n", "def ", "class ")
+SAMPLING = SamplingConfig(max_new_tokens=100, temperature=0.8, top_p=0.95, seed=0)
+
+
+def write_samples(run_dir: Path, device: str = "cpu") -> Path:
+    """A few texts the run's model writes (`samples.json`, shown in its report): what a loss
+    figure cannot say, e.g. whether the model closes its brackets."""
+    loaded = load(run_dir, device=device)
+    samples = [{"prompt": p, "text": generate(loaded.model, loaded.tokenizer, p, SAMPLING)}
+               for p in SAMPLE_PROMPTS]
+    path = run_dir / SAMPLES_FILE
+    atomic_write_json(path, {"checkpoint": str(loaded.checkpoint), "samples": samples,
+                             "sampling": {k: v for k, v in dataclasses.asdict(SAMPLING).items()
+                                          if k in ("max_new_tokens", "temperature", "top_p", "seed")}})
+    return path
 
 
 # Config family of each model type, for `--compare TYPE`: TYPE is trained with the config of
@@ -135,6 +157,7 @@ def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print,
         log(f"validation: loss {final['val_loss']:.4f} nats/token, ppl {final['val_ppl']:.2f}, "
             f"{final['val_bpb']:.4f} bits/byte (unigram entropy "
             f"{final['unigram_entropy_nats']:.4f} nats/token)")
+        log(f"samples: {write_samples(run_dir, cfg.train.device)}")
     others = []
     for other in compare or []:
         log(f"comparison run {other.name} ({other.model.type})")

@@ -130,6 +130,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _samples_section(run_dir: Path) -> str:
+    """The texts the trained model wrote (`samples.json`, written by `nestlearn run`)."""
+    path = run_dir / SAMPLES_FILE
+    if not path.exists():
+        return ""
+    blob = read_json(path)
+    settings = html.escape(", ".join(f"{k} {v}" for k, v in blob["sampling"].items()))
+    items = "".join(f"<pre><b>{html.escape(s['prompt'])}</b>{html.escape(s['text'])}</pre>"
+                    for s in blob["samples"])
+    return f"<h2>Samples</h2><p>{settings}; prompt in bold.</p>{items}"
+
+
 def _source_rows(stats: dict[str, Any]) -> str:
     head = ("<tr><th>source</th><th>split</th><th>documents kept</th><th>characters</th>"
             "<th>tokens</th><th>dropped</th></tr>")
@@ -145,6 +157,7 @@ def _source_rows(stats: dict[str, Any]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
+SAMPLES_FILE = "samples.json"
 STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
 th{background:#f5f5f5}pre{background:#f8f8f8;padding:1rem;overflow:auto;font-size:.85rem}img{max-width:100%}"""
@@ -181,6 +194,7 @@ def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
 <h2>Final figures</h2>{_table(headline)}
 <h2>Loss</h2>{figure}
 {_comparison_section(run_dir, compare or [])}
+{_samples_section(run_dir)}
 <h2>Data</h2>{_source_rows(stats)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 </body></html>

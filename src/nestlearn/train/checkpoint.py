@@ -226,7 +226,7 @@ def load_checkpoint(
     """
     path = Path(path)
     verify_checkpoint(path)
-    _load_weights(path, model)
+    load_weights(path, model)
     blob = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
     if optimizer is not None:
         _load_state(path, "optimizer", optimizer, blob["optimizer"])
@@ -242,7 +242,9 @@ def load_checkpoint(
     return state
 
 
-def _load_weights(path: Path, model: nn.Module) -> None:
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's weights into `model` strictly (every tensor, no more; a tied head
+    once); the checkpoint is not verified here (`verify_checkpoint`)."""
     try:
         missing, unexpected = load_model(model, path / MODEL_FILE, strict=False)
     except RuntimeError as exc:
