@@ -24,7 +24,9 @@ from nestlearn.config.schema import RunConfig
 T = TypeVar("T")
 Origins = dict[str, str]
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+# shipped inside the package (the repository's `configs/` is a link to it), so an installed
+# wheel finds them
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class _Loader(yaml.SafeLoader):
@@ -43,7 +45,7 @@ def _yaml(text: str) -> Any:
 
 
 def config_search_path(extra: Path | None = None) -> list[Path]:
-    """Directories searched for `NAME.yaml`: an explicit one, ./configs, then the project's."""
+    """Directories searched for `NAME.yaml`: an explicit one, ./configs, then the package's."""
     paths = [p for p in (extra, Path.cwd() / "configs", PACKAGE_CONFIGS) if p is not None]
     unique: list[Path] = []
     for p in paths:
