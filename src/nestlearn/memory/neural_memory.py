@@ -9,6 +9,7 @@ linear gate before the output projection (§4.4 "Gating").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from nestlearn.memory.conv import causal_depthwise_conv
 from nestlearn.memory.mlp import Activation, MemoryMLPSpec
 from nestlearn.memory.reference import reference_memory_scan
 from nestlearn.memory.state import MemoryState, MemoryStats, MemoryWeights, Writes
+from nestlearn.memory.toolchain import compile_available
+
+COMPILE_COST = "the memory trains ~1.2x slower"
 
 # Initial gate biases: θ = max_lr/2, η = σ(0) = 0.5, α = σ(-6) ≈ 0.0025 per token.
 ETA_BIAS_INIT = 0.0
@@ -173,6 +177,8 @@ class NeuralMemory(nn.Module):
         return out
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        if self.config.compile and not compile_available(x.device.type, COMPILE_OPTION, COMPILE_COST):
+            self.config = dataclasses.replace(self.config, compile=False)  # for this process
         c = self.config
         if state is None:
             state = self.initial_state(x.shape[0])
