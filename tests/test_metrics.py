@@ -261,6 +261,15 @@ def test_lines_mode_every_k_steps(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.err == ""
 
 
+def test_lines_mode_stays_on_multiples_of_k_after_a_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress(40, "lines", initial=15, every_steps=10, every_seconds=0, clock=FakeClock())
+    for step in range(16, 41):
+        progress.update(step, loss=1.0)
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [f"train step {s}/40" for s in (20, 30, 40)]
+
+
 def test_lines_mode_rate_limited_by_time_from_a_resumed_step(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -103,7 +104,7 @@ def _check_splits(source: Source, stats: dict[Split, SplitStats], val_fraction: 
 def _documents(source: Source, cfg: DataConfig, stats: dict[Split, SplitStats],
                progress: bool, what: str) -> Iterator[tuple[Split, str]]:
     bar = tqdm(filtered_documents(source, cfg, stats), desc=f"{what} {source.name}",
-               unit="doc", disable=not progress, leave=False)
+               unit="doc", disable=not progress or not sys.stderr.isatty(), leave=False)  # no \r in logs
     for split, doc in bar:
         yield split, doc.text
     _check_splits(source, stats, cfg.val_fraction)

@@ -111,7 +111,8 @@ class Progress:
                 self._pending = line
 
     def _due(self, step: int, now: float) -> bool:
-        by_steps = self.every_steps > 0 and step - self._last_step >= self.every_steps
+        # at multiples of every_steps (regular steps in a log, a resumed run included)
+        by_steps = self.every_steps > 0 and step // self.every_steps > self._last_step // self.every_steps
         by_time = self.every_seconds > 0 and now - self._last_time >= self.every_seconds
         return by_steps or by_time or step >= self.total
 

@@ -238,7 +238,9 @@ class Trainer:
         """Train to `train.steps`; returns the final figures (also written by the caller)."""
         cfg = self.cfg.train
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        progress = Progress(cfg.steps, self.cfg.logging.progress, initial=self.state.step)
+        # off a terminal: one line every log_every steps, like metrics.jsonl
+        progress = Progress(cfg.steps, self.cfg.logging.progress, initial=self.state.step,
+                            every_steps=cfg.log_every, every_seconds=0.0)
         self.model.train()
         window: list[float] = []
         tick = time.perf_counter()
