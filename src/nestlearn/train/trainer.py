@@ -27,6 +27,7 @@ from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
 from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from nestlearn.train.cpu_share import CpuShareCheck
 from nestlearn.train.metrics import make_sinks
 from nestlearn.train.progress import Progress
 from nestlearn.utils.io import read_json
@@ -243,10 +244,13 @@ class Trainer:
                             every_steps=cfg.log_every, every_seconds=0.0)
         self.model.train()
         window: list[float] = []
+        busy = CpuShareCheck(torch.get_num_threads() if self.device.type == "cpu" else 0, self.log)
         tick = time.perf_counter()
         try:
             while self.state.step < cfg.steps:
+                wall, cpu = time.perf_counter(), time.process_time()
                 loss, grad_norm = self._train_step()
+                busy.step_done(time.perf_counter() - wall, time.process_time() - cpu)
                 self.state.step += 1
                 self.state.tokens += tokens_per_step
                 self.losses.append(loss)
