@@ -10,11 +10,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch goes in first and on its own, so that a CPU-only machine takes the local CPU wheel
-# and never resolves a CUDA build; a torch the user already installed in .venv is kept.
-$(STAMP): $(BIN)/python pyproject.toml requirements/pinned.txt
+# and never resolves a CUDA build; a torch the user already installed in .venv is kept (its
+# pin is left out of the constraints, requirements/constraints.py).
+$(STAMP): $(BIN)/python pyproject.toml requirements/pinned.txt requirements/constraints.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c requirements/pinned.txt -e ".[dev]"
+	$(BIN)/python requirements/constraints.py requirements/pinned.txt > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, load_script, tiny_overrides
 from nestlearn.config import available_configs
 
 
@@ -57,3 +57,17 @@ def test_nestlearn_run_works_from_an_empty_directory(installed: Path, tmp_path: 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "tiny" / "report.html").is_file()
     assert (tmp_path / "runs" / "tiny" / "samples.json").is_file()
+
+
+def test_the_makefile_constraints_keep_an_installed_torch() -> None:
+    script = load_script("requirements/constraints.py")
+    pinned = "# comment\ntorch==2.13.0\nnumpy==2.4.6\n"
+    assert script.constraints(pinned, {"torch": "2.9.1+cu128"}) == "# comment\nnumpy==2.4.6\n"
+    assert script.constraints(pinned, {"torch": None}) == pinned
+    # in this environment torch is installed: the generated file has no torch pin
+    out = subprocess.run([sys.executable, str(REPO / "requirements" / "constraints.py"),
+                          str(REPO / "requirements" / "pinned.txt")],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "numpy==" in out and not any(line.startswith("torch==") for line in out.splitlines())
+    assert "requirements/constraints.py requirements/pinned.txt > $(VENV)/constraints.txt" in (
+        REPO / "Makefile").read_text()
