@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     sub.add_parser("configs", help="list the configs that --config-name accepts")
     sub.add_parser("models", help="list the registered model types")
+    sub.add_parser("doctor", help="versions, device, threads, C++ kernels, default corpus")
     return parser
 
 
@@ -123,6 +124,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print("\n".join(models.available()))
         return 0
+    if args.command == "doctor":
+        from nestlearn import doctor
+
+        return doctor.main()
     if args.command == "sample":
         return _sample(args)
     if args.command == "report":
