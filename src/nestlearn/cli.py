@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild the report of a finished run directory")
     report.add_argument("run_dir", type=Path)
     _add_sample(sub)
+    _add_eval(sub)
     sub.add_parser("configs", help="list the configs that --config-name accepts")
     sub.add_parser("models", help="list the registered model types")
     sub.add_parser("doctor", help="versions, device, threads, C++ kernels, default corpus")
@@ -77,6 +78,39 @@ def _sample(args: argparse.Namespace) -> int:
     sys.stdout.write(args.prompt)
     generate(loaded.model, loaded.tokenizer, args.prompt, sampling, on_text=_write)
     sys.stdout.write("\n")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run", description="evaluate a trained run")
+    kinds = p.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
+    text = "zero-shot tasks of lm-evaluation-harness (extra: eval)"
+    z = kinds.add_parser("zeroshot", help=text, description=text)
+    z.add_argument("run_dir", type=Path, help="a run directory or one checkpoint directory")
+    z.add_argument("--tasks", default="paper",
+                   help="harness task names, comma-separated, or 'paper' (default): the paper's set")
+    z.add_argument("--limit", type=float, default=None,
+                   help="examples per task (a fraction if < 1); for quick checks only")
+    z.add_argument("--batch-size", type=int, default=1)
+    z.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    z.add_argument("--include-path", type=Path, default=None,
+                   help="a directory of task YAMLs of your own (the harness's option)")
+    z.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval/zeroshot.json")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from nestlearn.eval.zeroshot import run_zeroshot
+    except ImportError as exc:
+        raise RuntimeError(f"zero-shot evaluation needs the eval extra ({exc}); "
+                           'pip install -e ".[eval]"') from exc
+    path, blob = run_zeroshot(args.run_dir, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                              device=args.device, include_path=args.include_path, out=args.out)
+    for task, metrics in blob["metrics"].items():
+        shown = ", ".join(f"{name} {m['value']:.4f}" + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else "")
+                          for name, m in metrics.items())
+        print(f"{task}: {shown}")
+    print(f"results: {path}")
     return 0
 
 
@@ -130,6 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return doctor.main()
     if args.command == "sample":
         return _sample(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "report":
         from nestlearn.eval.report import write_report
 

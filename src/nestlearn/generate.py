@@ -130,6 +130,12 @@ def generate(model: LanguageModel, tokenizer: TextCodec, prompt: str,
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenisation; give at least one character")
+    return continue_ids(model, tokenizer, ids, sampling, on_text)
+
+
+def continue_ids(model: LanguageModel, tokenizer: TextCodec, ids: Sequence[int], sampling: SamplingConfig,
+                 on_text: Callable[[str], None] | None = None) -> str:
+    """``generate`` after a prompt that is already token ids (at least one)."""
     device = next(model.parameters()).device
     new: list[int] = []
     text, shown = "", 0

@@ -57,7 +57,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             f"checkpoint directory (with {MANIFEST_FILE})")
 
 
-def _run_dir(checkpoint: Path) -> Path | None:
+def checkpoint_run_dir(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (``RUN/checkpoints/step_N``), if it does."""
     parent = checkpoint.parent
     return parent.parent if parent.name == CHECKPOINTS else None
 
@@ -65,7 +66,7 @@ def _run_dir(checkpoint: Path) -> Path | None:
 def find_tokenizer(checkpoint: Path, cfg: RunConfig) -> Tokenizer:
     """The run's tokenizer: the copy in its run directory, else `data.tokenizer.path`, else the
     trained one under `data.artifacts_dir` whose hash the run's data statistics record."""
-    run_dir = _run_dir(checkpoint)
+    run_dir = checkpoint_run_dir(checkpoint)
     if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
         return load_tokenizer(run_dir / TOKENIZER_FILE)
     if cfg.data.tokenizer.path is not None and Path(cfg.data.tokenizer.path).exists():

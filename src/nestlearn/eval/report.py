@@ -142,6 +142,22 @@ def _samples_section(run_dir: Path) -> str:
     return f"<h2>Samples</h2><p>{settings}; prompt in bold.</p>{items}"
 
 
+def _zeroshot_section(run_dir: Path) -> str:
+    """The zero-shot results (`nestlearn eval zeroshot`), if the run has them."""
+    path = run_dir / ZEROSHOT_FILE
+    if not path.exists():
+        return ""
+    blob = read_json(path)
+    rows = "".join(
+        f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{m['value']:.4f}</td>"
+        f"<td>{_fmt(m['stderr']) if m['stderr'] is not None else ''}</td></tr>"
+        for task, metrics in blob["metrics"].items() for name, m in metrics.items())
+    limit = f", at most {blob['limit']:g} examples per task" if blob.get("limit") else ""
+    return (f"<h2>Zero-shot</h2><p>lm-evaluation-harness {html.escape(blob['harness_version'])}, "
+            f"checkpoint <code>{html.escape(blob['checkpoint'])}</code>{limit}.</p>"
+            f"<table><tr><th>task</th><th>metric</th><th>value</th><th>stderr</th></tr>{rows}</table>")
+
+
 def _source_rows(stats: dict[str, Any]) -> str:
     head = ("<tr><th>source</th><th>split</th><th>documents kept</th><th>characters</th>"
             "<th>tokens</th><th>dropped</th></tr>")
@@ -158,6 +174,7 @@ def _source_rows(stats: dict[str, Any]) -> str:
 
 
 SAMPLES_FILE = "samples.json"
+ZEROSHOT_FILE = Path("eval") / "zeroshot.json"  # written by eval.zeroshot
 STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
 th{background:#f5f5f5}pre{background:#f8f8f8;padding:1rem;overflow:auto;font-size:.85rem}img{max-width:100%}"""
@@ -195,6 +212,7 @@ def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
 <h2>Loss</h2>{figure}
 {_comparison_section(run_dir, compare or [])}
 {_samples_section(run_dir)}
+{_zeroshot_section(run_dir)}
 <h2>Data</h2>{_source_rows(stats)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 </body></html>
