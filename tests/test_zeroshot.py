@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,13 @@ def test_the_harness_scores_a_trained_run_above_an_untrained_one(
         assert acc["stderr"] is not None and acc["stderr"] > 0
         accuracy[steps] = acc["value"]
         assert "<h2>Zero-shot</h2>" in write_report(run_dir).read_text()
+    # the harness's own CLI, with the adapter registered
+    harness = subprocess.run([sys.executable, "-m", "nestlearn.eval.zeroshot", "--model", "nestlearn",
+                              "--model_args", f"pretrained={run_dir}", "--tasks", "nl_code_choice",
+                              "--include_path", str(tasks), "--device", "cpu", "--limit", "5"],
+                             capture_output=True, text=True, check=False, timeout=300)
+    assert harness.returncode == 0, harness.stderr[-2000:]
+    assert "nl_code_choice" in harness.stdout and "acc" in harness.stdout
     assert accuracy[150] >= 0.65 and accuracy[150] > accuracy[1] + 0.15, accuracy  # measured: 0.75, 0.46
 
 

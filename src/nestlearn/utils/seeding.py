@@ -48,5 +48,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is available; use cpu or auto")
+        raise RuntimeError(f"device {name!r} (train.device or --device) needs CUDA, and none is available; "
+                           "use cpu or auto")
     return torch.device(name)
