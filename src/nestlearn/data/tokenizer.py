@@ -139,6 +139,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return str(self._sp.decode([int(i) for i in ids]))
 
+    def id_to_piece(self, token_id: int) -> str:
+        """The piece of an id, as SentencePiece writes it ("▁" for a space, "<0xE2>" for a byte)."""
+        return str(self._sp.id_to_piece(int(token_id)))
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a piece (the unknown piece's id for a string that is not one)."""
+        return int(self._sp.piece_to_id(piece))
+
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a `.model` file or a directory holding `tokenizer.model`."""
