@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
     _add_sample(sub)
     _add_eval(sub)
+    export = sub.add_parser("export", help="convert a trained run to a Hugging Face model directory")
+    export.add_argument("run_dir", type=Path, help="a run directory or one checkpoint directory")
+    export.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR",
+                        help="the directory to write (replaced as a whole if it exists)")
     sub.add_parser("configs", help="list the configs that --config-name accepts")
     sub.add_parser("models", help="list the registered model types")
     sub.add_parser("doctor", help="versions, device, threads, C++ kernels, default corpus")
@@ -166,6 +170,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _sample(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "export":
+        try:
+            from nestlearn.hf import export_run
+        except ImportError as exc:
+            raise RuntimeError(f"export needs the hf extra ({exc}); pip install -e \".[hf]\"") from exc
+        print(f"exported: {export_run(args.run_dir, args.hf)}")
+        return 0
     if args.command == "report":
         from nestlearn.eval.report import write_report
 

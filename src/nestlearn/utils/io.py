@@ -26,11 +26,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def usual_mode(full: int) -> int:
+    """What ``open``/``mkdir`` would give (``full`` less the umask): ``mkstemp`` and ``mkdtemp``
+    make private files, which would leave a shared run directory unreadable to the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, usual_mode(0o666))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -66,6 +75,7 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        tmp.chmod(usual_mode(0o777))
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old")
