@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -151,9 +151,8 @@ def test_a_source_without_one_of_the_splits_is_refused(tmp_path: Path) -> None:
         prepare_data(cfg, progress=False, log=lambda _m: None)
 
 
-def test_hf_source_without_datasets_is_a_clear_error() -> None:
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed")
+def test_hf_source_without_datasets_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: import fails
     with pytest.raises(DataError, match="needs the optional `datasets` package"):
         next(open_source("hf:wikitext:train").documents())
 
