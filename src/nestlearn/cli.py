@@ -96,6 +96,8 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     z.add_argument("--limit", type=float, default=None,
                    help="examples per task (a fraction if < 1); for quick checks only")
     z.add_argument("--batch-size", type=int, default=1)
+    z.add_argument("--max-length", type=int, default=None,
+                   help="the scoring window in tokens (default: the run's train.seq_len)")
     z.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     z.add_argument("--include-path", type=Path, default=None,
                    help="a directory of task YAMLs of your own (the harness's option)")
@@ -109,7 +111,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise RuntimeError(f"zero-shot evaluation needs the eval extra ({exc}); "
                            'pip install -e ".[eval]"') from exc
     path, blob = run_zeroshot(args.run_dir, args.tasks, limit=args.limit, batch_size=args.batch_size,
-                              device=args.device, include_path=args.include_path, out=args.out)
+                              device=args.device, include_path=args.include_path, max_length=args.max_length,
+                              out=args.out)
     for task, metrics in blob["metrics"].items():
         shown = ", ".join(f"{name} {m['value']:.4f}" + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else "")
                           for name, m in metrics.items())

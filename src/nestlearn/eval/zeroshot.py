@@ -36,7 +36,9 @@ PAPER_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", 
 @register_model("nestlearn")
 class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
     """A nestlearn model for the harness. ``pretrained``: a run directory or a checkpoint;
-    ``max_length``: the scoring window (default: the model's ``max_seq_len``)."""
+    ``max_length``: the scoring window (default: the sequence length the model was trained
+    on, ``train.seq_len``: past it a model is off its training distribution, and a HOPE smoke
+    model's memory diverges in context, docs/results.md)."""
 
     def __init__(self, pretrained: str | None = None, device: str = "cpu", batch_size: int | str = 1,
                  max_length: int | None = None, loaded: LoadedModel | None = None, **_: Any) -> None:
@@ -46,7 +48,7 @@ class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
                 raise ValueError("the nestlearn model needs pretrained=RUN_DIR (or a checkpoint directory)")
             loaded = load(pretrained, device=device)
         self.loaded = loaded
-        window = max_length or loaded.model.config.max_seq_len
+        window = max_length or loaded.config.train.seq_len
         self.scorer = Scorer(loaded.model, loaded.tokenizer, int(window), _batch(batch_size))
 
     @classmethod
@@ -84,7 +86,7 @@ def task_list(tasks: str) -> list[str]:
 
 
 def run_zeroshot(path: str | Path, tasks: str, *, limit: float | None = None, batch_size: int = 1,
-                 device: str = "cpu", include_path: str | Path | None = None,
+                 device: str = "cpu", include_path: str | Path | None = None, max_length: int | None = None,
                  out: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate a run (its newest valid checkpoint) on ``tasks``; writes the metrics with their
     standard errors, the model, checkpoint, config and harness version to ``out`` (default:
@@ -93,7 +95,7 @@ def run_zeroshot(path: str | Path, tasks: str, *, limit: float | None = None, ba
     from lm_eval.tasks import TaskManager
 
     loaded = load(path, device=device)
-    adapter = NestlearnLM(loaded=loaded, batch_size=batch_size)
+    adapter = NestlearnLM(loaded=loaded, batch_size=batch_size, max_length=max_length)
     names = task_list(tasks)
     manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
     unknown = [n for n in names if n not in manager.all_tasks]
@@ -109,6 +111,7 @@ def run_zeroshot(path: str | Path, tasks: str, *, limit: float | None = None, ba
         "model": loaded.config.model.type, "checkpoint": str(loaded.checkpoint),
         "config": to_dict(loaded.config), "harness_version": lm_eval.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "limit": limit,
+        "max_length": adapter.scorer.max_length,
         "tasks": names, "metrics": {task: _metrics(m) for task, m in results["results"].items()},
     }
     target = out if out is not None else run_dir / ZEROSHOT_FILE
