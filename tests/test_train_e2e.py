@@ -134,11 +134,12 @@ def test_cli_run_writes_report(tiny_root: Path, tiny_prepared: Any, tmp_path: Pa
     assert [s["prompt"] for s in samples] == list(pipeline.SAMPLE_PROMPTS)
     assert all(s["text"] for s in samples)
     sample = subprocess.run([sys.executable, "-m", "nestlearn", "sample", str(run_dir), "--prompt",
-                             "def ", "--max-new-tokens", "12", "--temperature", "0"],
+                             "def ", "--max-new-tokens", "70", "--temperature", "0"],
                             capture_output=True, text=True, check=False, timeout=300)
     assert sample.returncode == 0, sample.stderr[-2000:]
     assert sample.stdout.startswith("def ") and len(sample.stdout) > len("def \n")
     assert "step_000010" in sample.stderr
+    assert "passes the 64 tokens this model was trained on" in sample.stderr  # train.seq_len 64
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["step"] == 10 and final["val_loss"] > 0
     # Running again resumes at the end: no retraining, same figures, report rewritten.

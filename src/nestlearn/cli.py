@@ -79,6 +79,10 @@ def _sample(args: argparse.Namespace) -> int:
                               stop=tuple(args.stop))
     loaded = load(args.run_dir, device=args.device)
     print(f"# {loaded.checkpoint} ({loaded.config.model.type})", file=sys.stderr)
+    trained = loaded.config.train.seq_len
+    if len(loaded.tokenizer.encode(args.prompt)) + args.max_new_tokens > trained:
+        print(f"# note: prompt + --max-new-tokens passes the {trained} tokens this model was trained on; "
+              "past them it is off its training distribution (a HOPE memory can diverge)", file=sys.stderr)
     sys.stdout.write(args.prompt)
     generate(loaded.model, loaded.tokenizer, args.prompt, sampling, on_text=_write)
     sys.stdout.write("\n")
