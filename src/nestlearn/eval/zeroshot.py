@@ -22,9 +22,7 @@ from lm_eval.api.registry import register_model
 from nestlearn.config.loader import to_dict
 from nestlearn.eval.report import ZEROSHOT_FILE
 from nestlearn.eval.scoring import Scorer
-from nestlearn.generate import TextCodec
 from nestlearn.loading import LoadedModel, checkpoint_run_dir, load
-from nestlearn.models.base import LanguageModel
 from nestlearn.utils.io import atomic_write_json
 
 # The paper's zero-shot set (arXiv 2512.24695, its language-modelling table): the harness's
@@ -50,15 +48,6 @@ class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
         self.loaded = loaded
         window = max_length or loaded.config.train.seq_len
         self.scorer = Scorer(loaded.model, loaded.tokenizer, int(window), _batch(batch_size))
-
-    @classmethod
-    def from_model(cls, model: LanguageModel, tokenizer: TextCodec, max_length: int,
-                   batch_size: int = 1) -> NestlearnLM:
-        """An adapter around a model in memory (tests, notebooks)."""
-        self = cls.__new__(cls)
-        LM.__init__(self)
-        self.scorer = Scorer(model, tokenizer, max_length, batch_size)
-        return self
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return self.scorer.loglikelihood([r.args for r in requests])
