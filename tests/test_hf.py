@@ -31,6 +31,7 @@ from nestlearn.hf import (
     NestlearnTokenizer,
     export_run,
 )
+from nestlearn.hf.export import load_exported
 from nestlearn.loading import load
 from nestlearn.train.trainer import Trainer
 from nestlearn.utils.io import usual_mode
@@ -180,6 +181,12 @@ def test_an_exported_run_loads_with_the_auto_classes(tiny_cfg: RunConfig, tiny_p
         p.name for p in out.iterdir()}
 
     ours = load(run_dir)
+    again = load_exported(out)  # what `nestlearn eval zeroshot HF_DIR` reads
+    assert again.config.model == ours.config.model and again.config.train.seq_len == cfg.train.seq_len
+    ids0 = torch.tensor([ours.tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids0)[0], ours.model(ids0)[0], rtol=0, atol=0)
+    assert again.tokenizer.sha256 == ours.tokenizer.sha256
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert isinstance(tokenizer, NestlearnTokenizer)

@@ -5,6 +5,7 @@ model beats an untrained one on code it has seen the like of)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -171,6 +172,12 @@ def test_the_harness_scores_a_trained_run_above_an_untrained_one(
         assert acc["stderr"] is not None and acc["stderr"] > 0
         accuracy[steps] = acc["value"]
         assert "<h2>Zero-shot</h2>" in write_report(run_dir).read_text()
+    if importlib.util.find_spec("transformers") is not None:  # an exported run scores the same
+        assert cli.main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 0
+        assert cli.main(["eval", "zeroshot", str(tmp_path / "hf"), "--tasks", "nl_code_choice",
+                         "--include-path", str(tasks), "--device", "cpu"]) == 0
+        exported = json.loads((tmp_path / "hf" / "eval" / "zeroshot.json").read_text())
+        assert exported["metrics"] == blob["metrics"] and exported["max_length"] == blob["max_length"]
     # the harness's own CLI, with the adapter registered
     harness = subprocess.run([sys.executable, "-m", "nestlearn.eval.zeroshot", "--model", "nestlearn",
                               "--model_args", f"pretrained={run_dir}", "--tasks", "nl_code_choice",

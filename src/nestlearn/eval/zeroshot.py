@@ -23,7 +23,7 @@ from nestlearn.config.loader import to_dict
 from nestlearn.eval.report import ZEROSHOT_FILE
 from nestlearn.eval.scoring import Scorer
 from nestlearn.loading import LoadedModel, checkpoint_run_dir, load
-from nestlearn.utils.io import atomic_write_json
+from nestlearn.utils.io import atomic_write_json, read_json
 
 # The paper's zero-shot set (arXiv 2512.24695, its language-modelling table): the harness's
 # own task names. They download their datasets, so they need the internet once.
@@ -33,7 +33,8 @@ PAPER_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", 
 
 @register_model("nestlearn")
 class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
-    """A nestlearn model for the harness. ``pretrained``: a run directory or a checkpoint;
+    """A nestlearn model for the harness. ``pretrained``: a run directory, a checkpoint or a
+    directory `nestlearn export --hf` wrote;
     ``max_length``: the scoring window (default: the sequence length the model was trained
     on, ``train.seq_len``: past it a model is off its training distribution, and a HOPE smoke
     model's memory diverges in context, docs/results.md)."""
@@ -44,7 +45,7 @@ class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
         if loaded is None:
             if pretrained is None:
                 raise ValueError("the nestlearn model needs pretrained=RUN_DIR (or a checkpoint directory)")
-            loaded = load(pretrained, device=device)
+            loaded = _load(pretrained, device)
         self.loaded = loaded
         window = max_length or loaded.config.train.seq_len
         self.scorer = Scorer(loaded.model, loaded.tokenizer, int(window), _batch(batch_size))
@@ -57,6 +58,17 @@ class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         return self.scorer.generate_until([(r.args[0], dict(r.args[1])) for r in requests])
+
+
+def _load(path: str | Path, device: str) -> LoadedModel:
+    """A run directory or checkpoint, or a directory `nestlearn export --hf` wrote (its
+    config.json is a transformers config of model_type nestlearn; needs the hf extra)."""
+    config = Path(path) / "config.json"
+    if config.is_file() and read_json(config).get("model_type") == "nestlearn":
+        from nestlearn.hf.export import load_exported
+
+        return load_exported(path, device)
+    return load(path, device=device)
 
 
 def _batch(value: int | str) -> int:
@@ -83,7 +95,7 @@ def run_zeroshot(path: str | Path, tasks: str, *, limit: float | None = None, ba
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    loaded = load(path, device=device)
+    loaded = _load(path, device)
     adapter = NestlearnLM(loaded=loaded, batch_size=batch_size, max_length=max_length)
     names = task_list(tasks)
     manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
