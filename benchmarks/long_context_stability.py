@@ -30,9 +30,12 @@ from nestlearn.utils.io import atomic_write_json
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "as trained": {},
+    "curvature step off (g = 1)": {"curvature_step": False},
+    "curvature step on": {"curvature_step": True},
     "momentum off (beta = 0)": {"beta_zero": True},
     "memory chunks 8": {"memory_chunk_size": 8, "other_chunk_size": 8},
     "chunks 1 (per-token recurrence)": {"memory_chunk_size": 1, "other_chunk_size": 1},
+    "chunks 1, curvature step on": {"memory_chunk_size": 1, "other_chunk_size": 1, "curvature_step": True},
 }
 
 

@@ -64,6 +64,8 @@ ABLATIONS: dict[str, list[str]] = {
     "level_lr_linear": ["optimizer.level_lr=linear"],
     "chunk_start_read": ["model.self_ref.in_chunk_reads=false"],  # the reads before fix 2
     "mix_input": ["model.self_ref.mix_input=true"],  # fix 3: generators see the whole token
+    # the memory layers' steps by their input energy alone (before the curvature step)
+    "input_energy_step": ["model.self_ref.curvature_step=false"],
 }
 BATCH, SEQ_LEN = 16, 256
 

@@ -7,6 +7,7 @@ remembers the file or override it came from, so an error names it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -270,8 +271,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+PREDATED: dict[tuple[str, ...], Any] = {("model", "self_ref", "curvature_step"): False}
+"""Options a saved config may predate, with the value that reproduces what it was trained with
+(a default that changed behaviour when the option came in)."""
+
+
 def from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig saved by `to_dict` (e.g. a checkpoint's config.json)."""
+    """Rebuild a RunConfig saved by `to_dict` (e.g. a checkpoint's config.json); an option it
+    predates takes its ``PREDATED`` value, not today's default."""
+    tree = copy.deepcopy(tree)
+    for path, value in PREDATED.items():
+        node: Any = tree
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] not in node:
+            node[path[-1]] = value
     cfg = build(RunConfig, tree, {})
     cfg.check()
     return cfg

@@ -5,6 +5,7 @@ and momentum over a chunk in closed form (one unit-lower-triangular solve per ch
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,13 @@ from torch import Tensor
 
 from nestlearn.memory import cpu_kernels
 from nestlearn.memory.chunked import segment_sums
-from nestlearn.memory.mlp import MemoryMLPSpec, RankOneGrads, activate, linear
+from nestlearn.memory.mlp import (
+    MemoryMLPSpec,
+    RankOneGrads,
+    activate,
+    activation_derivative,
+    linear,
+)
 from nestlearn.memory.self_ref_config import COMPILE_OPTION
 from nestlearn.memory.state import MemoryWeights
 
@@ -32,29 +39,59 @@ class GroupState:
 
 def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
                      log_beta: Tensor | None, dgd: bool, kernel: bool = False,
-                     bounded: bool = False) -> GroupState:
+                     bounded: bool = False, spec: MemoryMLPSpec | None = None) -> GroupState:
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
     against the weights' leading dims; ``log_beta`` is ignored without momentum. ``kernel``:
     solve the DGD systems of CPU tensors with ``cpu_kernels`` (``_solve``); ``bounded``: scale
-    each layer's steps by its ``chunk_step_scale``."""
+    each layer's steps by its ``chunk_step_scale``; ``spec``, when given, normalises each layer's
+    steps by its curvature (``curvature_gains``), else by its input energy alone."""
     momentum = None if log_beta is None or state.momentum is None else MomentumDecay.build(log_beta)
-    return update_chunk(state, grads, None, eta, log_alpha, momentum, dgd, kernel, bounded)
+    return update_chunk(state, grads, None, eta, log_alpha, momentum, dgd, kernel, bounded, spec)
 
 
-def layer_step(eta: Tensor, z: Tensor) -> Tensor:
-    """The step of a layer with inputs z ``(..., n, in)``: η_t / max(1, ||z_t||²) ``(..., n)``.
+def layer_step(eta: Tensor, z: Tensor, gain: Tensor | None = None) -> Tensor:
+    """The step of a layer with inputs z ``(..., n, in)``: η_t / max(1, g_t ||z_t||²) ``(..., n)``,
+    g_t the layer's ``curvature_gains`` (1 when ``None``: the last layer's, or the rule without).
 
-    Normalised by the input energy as in normalised LMS: the DGD factor (α I - η z zᵀ) has the
-    eigenvalue α - η||z||² along z, which leaves (-1, 1) once η||z||² > 1 + α. A first layer
-    reads the unit-norm k (``qk_norm``) and keeps η_t exactly; a deeper layer's input
-    σ(W k) is not normalised and, without this, its memory diverged in context (HOPE at outer
-    lr 3e-3: ||z||² up to ~3,000 at η = 0.1). With the bound, |α - η'||z||²| < 1 for η <= 1."""
-    return eta / z.square().sum(-1).clamp(min=1.0)
+    Normalised by the curvature as in normalised LMS: ℓ's Gauss-Newton Hessian in the layer's
+    weights is 2 JᵀJ ⊗ z zᵀ (J: the Jacobian from the layer's output to M's); along the token's
+    gradient δ zᵀ it is 2 g ||z||². The DGD factor (α I - η z zᵀ) has the eigenvalue α - η||z||²
+    along z, which leaves (-1, 1) once η||z||² > 1 + α. A deeper layer's input σ(W k) is not
+    normalised and, without ||z||², its memory diverged in context (HOPE at outer lr 3e-3: ||z||²
+    up to ~3,000 at η = 0.1); a first layer reads the unit-norm k but, behind a second layer of
+    spectral norm ~2-10, can have g up to ~100, and without g a trained HOPE's M_memory diverged
+    past its training length (docs/results.md). With both, η' g ||z||² <= η_t <= η_max = 1/2 per
+    token, inside heavy-ball momentum's stable range (docs/architecture.md)."""
+    energy = z.square().sum(-1)
+    return eta / (energy if gain is None else energy * gain).clamp(min=1.0)
+
+
+def curvature_gains(weights: Sequence[Tensor], grads: RankOneGrads, pre: Sequence[Tensor] | None,
+                    spec: MemoryMLPSpec) -> tuple[Tensor | None, ...]:
+    """g^(l)_t ``(..., n)``: how much the layers above layer l amplify the token's own gradient,
+    ||J^(l)_t δ^(l)_t||² / ||δ^(l)_t||² (0 where δ = 0), J^(l)_t the Jacobian of M(k_t) in layer
+    l's output u^(l) at ``weights`` (``(..., out, in)``), δ^(l)_t = ``grads.deltas[l]``; ``None``
+    for the last layer (J = I). With it, g ||z||² is ℓ's Gauss-Newton curvature along the layer's
+    gradient δ zᵀ, up to the factor 2 (a Rayleigh quotient of JᵀJ: at most ||J||₂², and near it
+    when δ points along the stiff directions, which is when a step overshoots). ``pre[m]``: the
+    pre-activations u^(m) = W^(m) z^(m) when already computed. One product per layer above, as a
+    forward pass; differentiable (the outer loop sees the step it takes, as it sees η_t)."""
+    slopes = [activation_derivative(linear(w, z) if pre is None else pre[m], spec.activation)
+              for m, (w, z) in enumerate(zip(weights[:-1], grads.inputs[:-1], strict=True))]
+    gains: list[Tensor | None] = [None] * len(weights)
+    for layer in range(len(weights) - 1):
+        delta = grads.deltas[layer]
+        a = delta
+        for m in range(layer, len(weights) - 1):
+            a = linear(weights[m + 1], slopes[m] * a)
+        energy = delta.square().sum(-1)
+        gains[layer] = a.square().sum(-1) / torch.where(energy > 0, energy, 1.0)
+    return tuple(gains)
 
 
 @torch.no_grad()
-def chunk_step_scale(step: Tensor, z: Tensor) -> Tensor:
+def chunk_step_scale(step: Tensor, z: Tensor, gain: Tensor | None = None) -> Tensor:
     """κ = min(1, 1 / (2 λ̂)) ``(..., 1)`` for a chunk whose tokens take the steps ``step``
     ``(..., n)`` on the layer inputs z ``(..., n, in)``; λ̂ = max_j Σ_i √(η_i η_j) |z_i·z_j|, the
     Gershgorin bound of the step-weighted Gram matrix, is the chunk's largest combined step.
@@ -63,17 +100,18 @@ def chunk_step_scale(step: Tensor, z: Tensor) -> Tensor:
     chunk's keys share, the n stale steps add up without the per-token correction. With DGD a
     direction then moves by about 3 λ (2 λ from the gradient of ||·||², λ from the decay), which
     must stay below 2; the per-token recurrence (n = 1, λ = η' <= η_max <= 0.5) always does, and
-    is untouched. On a HOPE smoke model trained at chunk 8 the last block's M_v, M_η and M_k
+    is untouched. With ``gain`` (``curvature_gains``) each z_i counts as √g_i z_i, as in
+    ``layer_step``. On a HOPE smoke model trained at chunk 8 the last block's M_v, M_η and M_k
     overflowed within four chunks of one sequence at chunks 4 and 8 (η reached η_max for 1% of
     the tokens), and not at chunks 1 and 2. Treated as a constant by the backward."""
-    root = step.sqrt()
+    root = step.sqrt() if gain is None else (step * gain).sqrt()
     bound = ((z @ z.transpose(-1, -2)).abs() * root.unsqueeze(-1) * root.unsqueeze(-2)).sum(-1).amax(-1, keepdim=True)
     return torch.where(2 * bound > 1, 1 / (2 * bound).clamp(min=1.0), 1.0)
 
 
 def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
                  eta: Tensor, log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool,
-                 kernel: bool, bounded: bool) -> GroupState:
+                 kernel: bool, bounded: bool, spec: MemoryMLPSpec | None) -> GroupState:
     """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
     reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     if state.momentum is not None and momentum is None:
@@ -82,10 +120,11 @@ def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ..
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
+    gains = _gains(state, grads, reads, spec)
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
-        step = layer_step(eta, z)
-        co = decays.coefficients(step * chunk_step_scale(step, z) if bounded else step, dgd)
+        step = layer_step(eta, z, gains[layer])
+        co = decays.coefficients(step * chunk_step_scale(step, z, gains[layer]) if bounded else step, dgd)
         w, s = _dgd_layer(w0, s0, delta, z, None if reads is None else reads[layer], co, kernel)
         ws.append(w)
         if s is not None:
@@ -93,9 +132,17 @@ def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ..
     return GroupState(MemoryWeights(tuple(ws)), None if state.momentum is None else MemoryWeights(tuple(ss)))
 
 
+def _gains(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] | None,
+           spec: MemoryMLPSpec | None) -> tuple[Tensor | None, ...]:
+    """Each layer's ``curvature_gains`` at the chunk start, all ``None`` without ``spec``."""
+    if spec is None:
+        return (None,) * len(state.weights.layers)
+    return curvature_gains(state.weights.layers, grads, pre, spec)
+
+
 def read_chunk(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] | None, eta: Tensor,
                log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool, kernel: bool, queries: Tensor,
-               spec: MemoryMLPSpec) -> Tensor:
+               spec: MemoryMLPSpec, curvature: bool) -> Tensor:
     """M_{t-1}(y_t) for the last m of a chunk's n tokens (``queries`` y ``(..., m, d)``): each
     token reads the memory with the writes of the chunk's earlier tokens applied (Eq. 83-88's
     read, with Eq. 90's chunk-start gradients), layer by layer from the closed form of W_{t-1}
@@ -105,7 +152,8 @@ def read_chunk(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] |
                     - Σ_{s<t} (γ_{t-1}/γ_s) η_s (z_s·y) p_s.
 
     ``grads``, ``eta``, ``log_alpha``, ``momentum`` (built for n tokens) as in
-    ``dgd_chunk_update``; ``pre``: the chunk-start reads W^(l)_0 z^(l), if already computed.
+    ``dgd_chunk_update``; ``pre``: the chunk-start reads W^(l)_0 z^(l), if already computed;
+    ``curvature``: the steps normalised by ``curvature_gains``, as the update's.
     The steps are the paper's, never ``chunk_step_scale``'s κ: κ depends on the whole chunk,
     later tokens included, so a read through it would see the future. What compounds from chunk
     to chunk, the state, is bounded; a read inside a chunk is W_0 plus at most n stale steps
@@ -118,9 +166,10 @@ def read_chunk(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] |
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     option = kernel_option(kernel)
     a = queries
+    gains = _gains(state, grads, pre, spec if curvature else None)
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
-        co = decays.coefficients(layer_step(eta, z), dgd)
+        co = decays.coefficients(layer_step(eta, z, gains[layer]), dgd)
         scores = kernel_matmul(a, z.transpose(-1, -2), kernel)  # [t, s] = y_t·z_s
         u = torch.addcmul(kernel_matmul(co.c_prev_eta[..., rows, :] * scores, delta, kernel),
                           co.gamma_prev[..., rows, :], linear(w0, a, option))

@@ -115,7 +115,8 @@ def aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor,
                           tuple(t[..., min(n_other, t.shape[-3] - 1), :, :] for t in grads.inputs)).sq_norm()
     new = update_chunk(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
                             grads, reads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
-                            None if decay is None else MomentumDecay(*decay), c.dgd, c.compile, c.step_bound)
+                            None if decay is None else MomentumDecay(*decay), c.dgd, c.compile, c.step_bound,
+                       c.step_spec())
     return o, rates, sq, new.weights.layers, None if new.momentum is None else new.momentum.layers
 
 
@@ -133,7 +134,8 @@ def _memory_reads(c: SelfRefTitansConfig, weights: tuple[Tensor, ...], momentum:
                        None if momentum is None else MemoryWeights(tuple(map(pick, momentum))))
     beta = None if decay is None else MomentumDecay(*(f[:, index] for f in decay)).prefix(qs.shape[-2])
     return read_chunk(state, RankOneGrads(tuple(map(pick, grads.deltas)), tuple(map(pick, grads.inputs))),
-                      tuple(map(pick, pre)), tw.eta, tw.log_alpha, beta, c.dgd, c.compile, qs, c.spec())
+                      tuple(map(pick, pre)), tw.eta, tw.log_alpha, beta, c.dgd, c.compile, qs, c.spec(),
+                      c.curvature_step)
 
 
 @functools.cache

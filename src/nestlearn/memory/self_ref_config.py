@@ -34,7 +34,11 @@ class SelfRefTitansConfig:
     ``init_scale``: initial memory weights are N(0, init_scale² / fan_in). ``step_bound``: scale
     a chunk's steps so that their sum along the keys they share stays stable
     (``dgd_chunk.chunk_step_scale``; the per-token recurrence is never changed); off, the chunk
-    form of Eq. 90 diverged in context where the per-token one did not. ``in_chunk_reads``:
+    form of Eq. 90 diverged in context where the per-token one did not. ``curvature_step``:
+    each layer's step η_t / max(1, g ||z||²) counts the curvature the layers above it add (g,
+    ``dgd_chunk.curvature_gains``); off, g = 1 (the input energy alone), with which a trained
+    HOPE's M_memory diverged past its training length, in the per-token recurrence too.
+    ``in_chunk_reads``:
     o_t = M_memory,t-1(q_t) reads the memory with the writes of the earlier tokens of its own
     chunk applied, as the per-token recurrence does (``dgd_chunk.read_chunk``); off,
     o_t = M_memory,t'(q_t) reads the chunk-start memory (Eq. 90's read), so that inside a chunk
@@ -89,6 +93,7 @@ class SelfRefTitansConfig:
     in_chunk_reads: bool = True
     mix_input: bool = False
     step_bound: bool = True
+    curvature_step: bool = True
     compile: bool = False
     activation_budget: float = 1.0
 
@@ -115,6 +120,11 @@ class SelfRefTitansConfig:
 
     def spec(self) -> MemoryMLPSpec:
         return MemoryMLPSpec(self.head_dim, self.depth, self.expansion, self.activation, residual=True)
+
+    def step_spec(self) -> MemoryMLPSpec | None:
+        """What the chunk update normalises its steps by: the memory's spec (its curvature,
+        ``curvature_step``) or ``None`` (the input energy alone)."""
+        return self.spec() if self.curvature_step else None
 
     @property
     def generated(self) -> tuple[str, ...]:

@@ -8,12 +8,14 @@ a time, in order (reads use the anchors, so nothing reads them earlier): each ta
 ∇ℓ(M_anchor; k_t, v̂) by autograd (v̂ held fixed) and, layer by layer with its input z at the
 anchor, applies literally
 
-    η = κ η_t / max(1, ||z||²)                                (the layer's step)
+    η = κ η_t / max(1, g ||z||²)                              (the layer's step)
     S ← β S - η ∇ℓ                                           (S ≡ 0, β = 0 without momentum)
     W ← W (α_t I - η z zᵀ) + S        (DGD)     or     W ← α_t W + S      (``dgd=False``),
 
-with κ = 1, or with ``step_bound`` min(1, 1 / (2 λ̂)), λ̂ = max_j Σ_i √(η_i η_j) |z_i·z_j| over
-the chunk's tokens (``dgd_chunk.chunk_step_scale``), written out as loops.
+with g the layer's curvature gain at the anchor (``curvature_step``, ``dgd_chunk.curvature_gains``;
+g = 1 without it), κ = 1, or with ``step_bound`` min(1, 1 / (2 λ̂)), λ̂ = max_j Σ_i √(η_i η_j)
+|z̃_i·z̃_j|, z̃ = √g z, over the chunk's tokens (``dgd_chunk.chunk_step_scale``), written out as
+loops.
 
 With ``in_chunk_reads`` o_t reads instead the per-token weights M_memory,t-1: the chunk-start
 memory with the chunk's earlier tokens applied one at a time by the same update, with κ = 1
@@ -43,19 +45,27 @@ def layer_inputs(weights: MemoryWeights, k: Tensor, spec: MemoryMLPSpec) -> list
     return inputs
 
 
+def token_grads(anchor: MemoryWeights, k: Tensor, v_hat: Tensor, spec: MemoryMLPSpec) -> MemoryWeights:
+    """∇ℓ(M_anchor; k, v̂) by autograd, with v̂ held fixed (it was made from the same weights)."""
+    # grad w.r.t. the weights, not through v̂: a view keeps the outer graph, detached without one
+    alias = anchor.map(lambda w: w.view_as(w)) if torch.is_grad_enabled() else anchor.detach()
+    return autograd_loss_grad(alias, k, v_hat, spec, create_graph=torch.is_grad_enabled())
+
+
 def dgd_token_step(weights: MemoryWeights, momentum: MemoryWeights | None, anchor: MemoryWeights,
                    k: Tensor, v_hat: Tensor, eta: Tensor, alpha: Tensor, beta: Tensor | None,
                    spec: MemoryMLPSpec, dgd: bool, scales: list[Tensor] | None = None,
-                   ) -> tuple[MemoryWeights, MemoryWeights | None]:
+                   curvature: bool = False) -> tuple[MemoryWeights, MemoryWeights | None]:
     """One token's update of a batch of memories; k, v̂ ``(..., 1, d)``, η, α, β broadcast to
-    the weights' leading dims (``(...,)``); ``scales``: κ of each layer, as η."""
-    alias = anchor.map(lambda w: w.view_as(w))  # grad w.r.t. the weights, not through v̂
-    grads = autograd_loss_grad(alias, k, v_hat, spec, create_graph=torch.is_grad_enabled())
+    the weights' leading dims (``(...,)``); ``scales``: κ of each layer, as η; ``curvature``:
+    each layer's energy ||z||² times its gain g at the anchor."""
+    grads = token_grads(anchor, k, v_hat, spec)
     eta_, alpha_ = eta[..., None, None], alpha[..., None, None]
     new_w, new_s = [], []
-    for layer, (w, g, z) in enumerate(zip(weights.layers, grads.layers,
-                                          layer_inputs(anchor, k, spec), strict=True)):
-        eta_l = eta_ / z.square().sum((-2, -1), keepdim=True).clamp(min=1.0)  # z: (..., 1, in)
+    inputs = layer_inputs(anchor, k, spec)
+    gains = gains_at(anchor, k, grads, spec, curvature)
+    for layer, (w, g, z) in enumerate(zip(weights.layers, grads.layers, inputs, strict=True)):
+        eta_l = eta_ / (z.square().sum((-2, -1), keepdim=True) * gains[layer]).clamp(min=1.0)  # z: (..., 1, in)
         if scales is not None:
             eta_l = eta_l * scales[layer][..., None, None]
         step = -eta_l * g
@@ -70,15 +80,38 @@ def dgd_token_step(weights: MemoryWeights, momentum: MemoryWeights | None, ancho
     return MemoryWeights(tuple(new_w)), None if momentum is None else MemoryWeights(tuple(new_s))
 
 
+def gains_at(anchor: MemoryWeights, k: Tensor, grads: MemoryWeights, spec: MemoryMLPSpec, curvature: bool,
+             ) -> list[Tensor]:
+    """Each layer's curvature gain for one token (k ``(..., 1, d)``, its gradients ``grads`` at
+    the anchor), by its definition: the change of M(k) when layer l alone moves along its
+    gradient G (a Jacobian-vector product by autograd), ||J G z||² / (||G||² ||z||²) (0 where
+    G = 0), shaped ``(..., 1, 1)``; ones without ``curvature`` and for the last layer."""
+    one = torch.ones((), dtype=k.dtype, device=k.device)
+    if not curvature:
+        return [one] * len(anchor.layers)
+    gains = []
+    for layer, (g, z) in enumerate(zip(grads.layers, layer_inputs(anchor, k, spec), strict=True)):
+        if layer == len(anchor.layers) - 1:
+            gains.append(one)
+            continue
+        tangent = tuple(g if i == layer else torch.zeros_like(w) for i, w in enumerate(anchor.layers))
+        primals = tuple(w.clone() for w in anchor.layers)  # dual tensors may not be broadcast views
+        change = torch.func.jvp(lambda *ws: mlp_forward(ws, k, spec), primals, tangent)[1]
+        size = g.square().sum((-2, -1), keepdim=True) * z.square().sum((-2, -1), keepdim=True)
+        gains.append(change.square().sum((-2, -1), keepdim=True) / torch.where(size > 0, size, 1.0))
+    return gains
+
+
 def step_scales(anchor: MemoryWeights, tokens: list[tuple[Tensor, ...]], spec: MemoryMLPSpec,
-                ) -> list[Tensor]:
+                curvature: bool = False) -> list[Tensor]:
     """κ of each layer for a chunk's tokens (k, v̂, η, α), by the definition, pair by pair."""
     ks = [tok[0] for tok in tokens]
     etas = [tok[2] for tok in tokens]
     inputs = [layer_inputs(anchor, k, spec) for k in ks]
+    gains = [gains_at(anchor, tok[0], token_grads(anchor, tok[0], tok[1], spec), spec, curvature) for tok in tokens]
     scales = []
     for layer in range(len(anchor.layers)):
-        z = [zs[layer] for zs in inputs]  # (..., 1, in) each
+        z = [zs[layer] * gs[layer].sqrt() for zs, gs in zip(inputs, gains, strict=True)]  # √g z, (..., 1, in)
         step = [e / zi.square().sum((-2, -1)).clamp(min=1.0) for e, zi in zip(etas, z, strict=True)]
         bound = torch.zeros_like(step[0])
         for j in range(len(tokens)):
@@ -90,13 +123,13 @@ def step_scales(anchor: MemoryWeights, tokens: list[tuple[Tensor, ...]], spec: M
 
 def apply_chunk(weights: MemoryWeights, momentum: MemoryWeights | None, anchor: MemoryWeights,
                 tokens: list[tuple[Tensor, ...]], beta: Tensor | None, spec: MemoryMLPSpec, dgd: bool,
-                bounded: bool) -> tuple[MemoryWeights, MemoryWeights | None]:
+                bounded: bool, curvature: bool) -> tuple[MemoryWeights, MemoryWeights | None]:
     """A complete chunk's tokens (k, v̂, η, α) applied one at a time, in order."""
     with torch.no_grad():
-        scales = step_scales(anchor, tokens, spec) if bounded else None
+        scales = step_scales(anchor, tokens, spec, curvature) if bounded else None
     for k, v_hat, eta, alpha in tokens:
         weights, momentum = dgd_token_step(weights, momentum, anchor, k, v_hat, eta, alpha, beta, spec, dgd,
-                                           scales)
+                                           scales, curvature)
     return weights, momentum
 
 
@@ -132,13 +165,14 @@ def reference_self_ref(module: SelfRefTitans, x: Tensor) -> Tensor:
                              eta.unsqueeze(-1), alpha.unsqueeze(-1)))
         v_hat = mlp_forward(memory_anchor.layers, v, spec)
         memory_tokens.append((k, v_hat, eta, alpha))
-        read, read_mom = dgd_token_step(read, read_mom, memory_anchor, k, v_hat, eta, alpha, beta_memory, spec, c.dgd)
+        read, read_mom = dgd_token_step(read, read_mom, memory_anchor, k, v_hat, eta, alpha, beta_memory, spec, c.dgd,
+                                        curvature=c.curvature_step)
         if (t + 1) % c.other_chunk_size == 0:
             other, other_mom = apply_chunk(other, other_mom, other_anchor, other_tokens, beta_other, spec,
-                                           c.dgd, c.step_bound)
+                                           c.dgd, c.step_bound, c.curvature_step)
             other_tokens = []
         if (t + 1) % c.memory_chunk_size == 0:
             memory, memory_mom = apply_chunk(memory, memory_mom, memory_anchor, memory_tokens, beta_memory,
-                                             spec, c.dgd, c.step_bound)
+                                             spec, c.dgd, c.step_bound, c.curvature_step)
             memory_tokens = []
     return module.readout(torch.cat(outputs, dim=-2))

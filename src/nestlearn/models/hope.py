@@ -76,7 +76,8 @@ def self_ref_config(cfg: ModelConfig) -> SelfRefTitansConfig:
         other_chunk_size=s.other_chunk_size, momentum=s.momentum, dgd=s.dgd, qk_norm=s.qk_norm,
         v_norm=s.v_norm, conv_kernel=s.conv_kernel, eta_max=s.eta_max,
         static_projections=tuple(s.static_projections), weight_decay=s.weight_decay,
-        in_chunk_reads=s.in_chunk_reads, mix_input=s.mix_input, step_bound=s.step_bound, compile=s.compile,
+        in_chunk_reads=s.in_chunk_reads, mix_input=s.mix_input, step_bound=s.step_bound,
+        curvature_step=s.curvature_step, compile=s.compile,
         activation_budget=s.activation_budget)
 
 
