@@ -216,9 +216,9 @@ class SelfRefConfig:
     split, as the paper's R^d -> R^d memories, starting as the identity; off, the default, as it
     trained worse at smoke scale: each reads its d/H slice). `step_bound` keeps a chunk's summed
     steps stable (`dgd_chunk.chunk_step_scale`; false: Eq. 90 as is, which diverged at chunk 8).
-    `curvature_step` normalises each memory layer's step by its curvature, the norm of the layers
-    above it included (`dgd_chunk.layer_step`; false: by its input energy alone, with which a
-    trained HOPE's memory diverged past its training length).
+    `curvature_step` normalises each memory layer's step by its Gauss-Newton curvature along the
+    token's gradient, the layers above it included (`dgd_chunk.layer_step`; false: by its input
+    energy alone, with which a trained HOPE's memory diverged past its training length).
     `compile` runs each chunk through torch.compile; `activation_budget` (with it) is the share
     of the compiled chunk's activations kept for backward, the rest recomputed there
     (`SelfRefTitansConfig.activation_budget`): what lets long sequences train without
