@@ -697,3 +697,37 @@ def test_in_chunk_reads_with_the_step_bound_acting_are_causal_and_exact(other_ch
             changed = x.detach().clone()
             changed[:, i + 1:] = aligned_inputs(t - i - 1, spread=1.0)
             torch.testing.assert_close(layer(changed)[0][:, :i + 1], y[:, :i + 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(other_chunk_size=4, memory_chunk_size=4),
+    dict(other_chunk_size=3, memory_chunk_size=5),
+    dict(other_chunk_size=4, memory_chunk_size=4, in_chunk_reads=False),
+    dict(other_chunk_size=4, memory_chunk_size=4, momentum=False, dgd=False),
+    dict(other_chunk_size=4, memory_chunk_size=4, static_projections=(), curvature_step=False),
+    dict(other_chunk_size=5, memory_chunk_size=5, weight_decay=False, static_projections=("q", "k")),
+])
+def test_one_token_decoding_equals_the_chunk_path(overrides: dict[str, object]) -> None:
+    """Without autograd, a one-token call that completes no chunk advances the carried read
+    copy (``dgd_token``) instead of re-running the chunk: token by token it gives the outputs
+    and states of one call over the sequence, and of token-by-token calls with autograd on (the
+    chunk path); it is taken wherever it applies."""
+    layer = make_layer(**overrides)
+    x = inputs(13)
+    whole, whole_state = layer(x)
+    taken = 0
+    with torch.no_grad():
+        state, outs = None, []
+        for t in range(13):
+            y, state = layer(x[:, t:t + 1], state)
+            outs.append(y)
+            taken += state.read is not None or (not layer.config.in_chunk_reads and state.memory_buffer.length > 0)
+    torch.testing.assert_close(torch.cat(outs, 1), whole.detach(), rtol=1e-9, atol=1e-10)
+    assert state is not None
+    assert_states_close(state, whole_state)
+    chunk_path_state = None
+    for t in range(13):
+        _, chunk_path_state = layer(x[:, t:t + 1], chunk_path_state)
+    assert chunk_path_state is not None and chunk_path_state.read is None  # autograd on: the chunk path
+    assert_states_close(state, chunk_path_state)
+    assert taken > 0

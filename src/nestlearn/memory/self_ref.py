@@ -16,10 +16,13 @@ with q and k L2-normalised and a causal depthwise convolution (window 4) on the 
 * **Deep memories, layer by layer (DGD, Eq. 56-57).** Every linear layer W^(l) of a memory is
   a DGD learner of its own input z^(l) (z^(1) = k_t, z^(2) = σ(W^(1) k_t)): its gradient is
   δ^(l) ⊗ z^(l) (``mlp.l2_loss_grads``) and its decay is (α_t I - η^(l)_t z^(l) z^(l)ᵀ), with
-  the layer's step η^(l)_t = η_t / max(1, ||z^(l)_t||²) (``layer_step``, as in normalised LMS):
-  η_t itself on the unit-norm k of the first layer, bounded on a deeper layer's unnormalised
-  input, where α - η||z||² < -1 otherwise made the memories diverge in context. Below, η_t
-  stands for each layer's η^(l)_t.
+  the layer's step η^(l)_t = η_t / max(1, g^(l)_t ||z^(l)_t||²) (``layer_step``, normalised
+  LMS by the Gauss-Newton curvature along the token's gradient): ||z||² bounds a deeper layer's
+  unnormalised input, where α - η||z||² < -1 otherwise made the memories diverge in context;
+  g = ||J δ||² / ||δ||² (J: the Jacobian of the layers above; ``curvature_gains``, 1 for the
+  last layer, ``curvature_step``) keeps a large second layer from multiplying the first one's
+  step, which made a trained HOPE diverge past its training length. Below, η_t stands for each
+  layer's η^(l)_t.
 * **Momentum** (on by default, ``momentum=False`` is the paper's ablation): a learned per
   memory and head β ∈ (0, 1) with S_t = β S_{t-1} - η_t δ_t ⊗ z_t and
   W_t = W_{t-1}(α_t I - η_t z_t z_tᵀ) + S_t; with β = 0 this is exactly the equation above.
@@ -79,6 +82,7 @@ from nestlearn.memory.dgd_chunk import (
     read_chunk,
     update_chunk,
 )
+from nestlearn.memory.dgd_token import decoding_applies, read_step
 from nestlearn.memory.mlp import l2_loss_grads, mlp_forward
 from nestlearn.memory.self_ref_chunk import TokenWrites, aligned_chunk, compiled_chunk, token_writes
 from nestlearn.memory.self_ref_config import (
@@ -113,6 +117,9 @@ class SelfRefState:
     ``Writes`` fields k_t, v_t, theta = η_t, log_eta = log β (``-inf`` without momentum),
     log_keep = log α_t. ``conv_cache``: the last ``conv_kernel - 1`` inputs ``(B, K-1, D)``.
     ``stats``: M_memory's inner loop in the call that made the state (``self_ref_stats``).
+    ``read``: M_memory,t-1 with the buffered tokens applied (``dgd_token.read_step``), carried by
+    one-token calls so the next one can read it; ``None`` when unknown (then only a chunk start,
+    where it is ``memory``, lets one-token calls skip the chunk path).
     """
 
     other: GroupState
@@ -121,12 +128,14 @@ class SelfRefState:
     memory_buffer: Writes
     conv_cache: Tensor | None
     stats: MemoryStats | None = None
+    read: GroupState | None = None
 
     def detach(self) -> SelfRefState:
         """Cut the autograd history (truncated backpropagation through time)."""
         cache = None if self.conv_cache is None else self.conv_cache.detach()
         return SelfRefState(self.other.detach(), self.other_buffer.detach(), self.memory.detach(),
-                            self.memory_buffer.detach(), cache, self.stats)
+                            self.memory_buffer.detach(), cache, self.stats,
+                            None if self.read is None else self.read.detach())
 
 
 
@@ -289,6 +298,9 @@ class SelfRefTitans(nn.Module):
         c, spec = self.config, self.config.spec()
         if state is None:
             state = self.initial_state(x.shape[0])
+        if decoding_applies(x, state.other_buffer.shape[-2], state.memory_buffer.length, c.other_chunk_size,
+                            c.memory_chunk_size, state.read is not None or not c.in_chunk_reads):
+            return self._decode(x, state)
         if c.compile and x.device.type == "cpu":  # before the compiled chunks, which call it
             cpu_kernels.load(COMPILE_OPTION)
         aligned = (self.to_q is not None and c.other_chunk_size == c.memory_chunk_size
@@ -364,6 +376,28 @@ class SelfRefTitans(nn.Module):
             self_ref_stats(eta, writes.log_keep, None if log_momentum is None else log_momentum[1], surprise,
                            memory.momentum))
         return self.readout(o), new_state
+
+    def _decode(self, x: Tensor, state: SelfRefState) -> tuple[Tensor, SelfRefState]:
+        """``forward`` for one token that completes no chunk, without autograd (``dgd_token``):
+        the token's writes from the chunk-start "other" memories, o_t from M_memory,t-1 (the
+        carried read copy, or the chunk-start memory), one step of the read copy, the buffers
+        grown by the token. The same equations as the chunk path, token by token."""
+        c, spec = self.config, self.config.spec()
+        xh, q, cache = self.project(x, state.conv_cache)
+        tw = self.token_writes(mlp_forward(state.other.weights.layers, xh.unsqueeze(-3), spec), xh)
+        query = q if q is not None else tw.q
+        assert query is not None
+        read = state.read if state.read is not None else state.memory
+        o = mlp_forward(read.weights.layers, query, spec)
+        log_momentum = self.log_momentum()
+        beta = None if log_momentum is None else log_momentum[1]
+        new_read = (read_step(read, state.memory, tw.k, tw.v, tw.eta, tw.log_alpha, beta, spec, c.dgd,
+                              c.curvature_step) if c.in_chunk_reads else None)
+        log_beta = torch.full_like(tw.eta, -math.inf) if beta is None else beta[:, None].expand_as(tw.eta)
+        buffer = state.memory_buffer.cat(Writes(tw.k, tw.v, tw.eta, log_beta, tw.log_alpha))
+        stats = self_ref_stats(tw.eta, tw.log_alpha, beta, [], state.memory.momentum)
+        return self.readout(o), SelfRefState(state.other, torch.cat([state.other_buffer, xh], dim=-2), state.memory,
+                                             buffer, cache, stats, new_read)
 
     def _forward_aligned(self, xh: Tensor, q: Tensor, state: SelfRefState,
                          log_momentum: tuple[Tensor, Tensor] | None, cache: Tensor | None,
