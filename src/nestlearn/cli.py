@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from nestlearn import __version__
 
@@ -106,9 +107,23 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     z.add_argument("--include-path", type=Path, default=None,
                    help="a directory of task YAMLs of your own (the harness's option)")
     z.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval/zeroshot.json")
+    text = "needle in a haystack: RULER's single-needle tasks on the default corpus"
+    n = kinds.add_parser("niah", help=text, description=text)
+    n.add_argument("run_dir", type=Path, help="a run directory, a checkpoint directory or an exported HF directory")
+    n.add_argument("--tasks", default="s_niah_1,s_niah_2,s_niah_3", help="comma-separated (default: all three)")
+    n.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
+                   help="prompt lengths in tokens, comma-separated")
+    n.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma-separated")
+    n.add_argument("--samples", type=int, default=2, help="prompts per task, length and depth")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--piece", type=int, default=2048, help="tokens read per call while reading a prompt")
+    n.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    n.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval/niah.json (+ .png)")
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.eval_kind == "niah":
+        return _niah(args)
     try:
         from nestlearn.eval.zeroshot import run_zeroshot
     except ImportError as exc:
@@ -120,6 +135,29 @@ def _eval(args: argparse.Namespace) -> int:
     for task, metrics in blob["metrics"].items():
         shown = ", ".join(f"{name} {m['value']:.4f}" + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else "")
                           for name, m in metrics.items())
+        print(f"{task}: {shown}")
+    print(f"results: {path}")
+    return 0
+
+
+def _numbers(value: str, kind: type[int] | type[float], option: str) -> tuple[Any, ...]:
+    """A comma-separated list of numbers, or a one-line error naming the option."""
+    try:
+        return tuple(kind(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} {value!r}: expected comma-separated {kind.__name__}s") from None
+
+
+def _niah(args: argparse.Namespace) -> int:
+    from nestlearn.eval.niah import NiahSettings, evaluate_run
+
+    settings = NiahSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                            lengths=_numbers(args.lengths, int, "--lengths"),
+                            depths=_numbers(args.depths, float, "--depths"), samples=args.samples,
+                            seed=args.seed, piece=args.piece)
+    path, blob = evaluate_run(args.run_dir, settings, device=args.device, out=args.out)
+    for task, per_length in blob["accuracy"].items():
+        shown = ", ".join(f"{n}: {sum(d.values()) / len(d):.2f}" for n, d in per_length.items())
         print(f"{task}: {shown}")
     print(f"results: {path}")
     return 0

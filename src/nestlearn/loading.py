@@ -95,3 +95,14 @@ def load(path: str | Path, device: str = "cpu",
         raise ValueError(f"the tokenizer at {tokenizer.path} has {tokenizer.vocab_size} pieces, "
                          f"more than the model's vocabulary ({model.config.vocab_size})")
     return LoadedModel(model, tokenizer, cfg, checkpoint)
+
+
+def load_run_or_export(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """``load``, or a directory ``nestlearn export --hf`` wrote (its config.json is a
+    transformers config of model_type nestlearn; needs the hf extra): what the evaluations take."""
+    config = Path(path) / CONFIG_FILE
+    if config.is_file() and read_json(config).get("model_type") == "nestlearn":
+        from nestlearn.hf.export import load_exported
+
+        return load_exported(path, device)
+    return load(path, device=device)

@@ -26,7 +26,7 @@ def _curves(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[fl
     }
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -38,7 +38,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _png(fig: Any, plt: Any) -> bytes:
+def png_figure(fig: Any, plt: Any) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -48,7 +48,7 @@ def _png(fig: Any, plt: Any) -> bytes:
 
 def plot_loss(records: list[dict[str, Any]], baseline: float | None, title: str) -> bytes | None:
     """PNG bytes of train/val loss against step, or None when matplotlib is not installed."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     curves = _curves(records)
@@ -63,12 +63,12 @@ def plot_loss(records: list[dict[str, Any]], baseline: float | None, title: str)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig, plt)
+    return png_figure(fig, plt)
 
 
 def plot_comparison(runs: dict[str, list[dict[str, Any]]]) -> bytes | None:
     """PNG bytes of every run's train (thin) and validation (dots) loss on one axis."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -83,7 +83,7 @@ def plot_comparison(runs: dict[str, list[dict[str, Any]]]) -> bytes | None:
     ax.set_title("same data, same token budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig, plt)
+    return png_figure(fig, plt)
 
 
 def _comparison_section(run_dir: Path, others: list[Path]) -> str:
@@ -158,6 +158,27 @@ def _zeroshot_section(run_dir: Path) -> str:
             f"<table><tr><th>task</th><th>metric</th><th>value</th><th>stderr</th></tr>{rows}</table>")
 
 
+def _niah_section(run_dir: Path) -> str:
+    """The needle-in-a-haystack results (`nestlearn eval niah`): accuracy per task and length
+    (mean over depths) and the length x depth heat-map, if the run has them."""
+    path = run_dir / NIAH_FILE
+    if not path.exists():
+        return ""
+    acc = read_json(path)["accuracy"]
+    lengths = sorted({int(n) for per_task in acc.values() for n in per_task})
+    head = "".join(f"<th>{n}</th>" for n in lengths)
+    rows = "".join(
+        f"<tr><td>{html.escape(task)}</td>" + "".join(
+            f"<td>{sum(per[str(n)].values()) / len(per[str(n)]):.2f}</td>" if str(n) in per else "<td></td>"
+            for n in lengths) + "</tr>"
+        for task, per in acc.items())
+    plot = run_dir / NIAH_PLOT
+    figure = (f'<img alt="needle in a haystack" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+              if plot.exists() else "")
+    return (f"<h2>Needle in a haystack</h2><p>Accuracy by context length in tokens (mean over depths).</p>"
+            f"<table><tr><th>task</th>{head}</tr>{rows}</table>{figure}")
+
+
 def _source_rows(stats: dict[str, Any]) -> str:
     head = ("<tr><th>source</th><th>split</th><th>documents kept</th><th>characters</th>"
             "<th>tokens</th><th>dropped</th></tr>")
@@ -175,6 +196,8 @@ def _source_rows(stats: dict[str, Any]) -> str:
 
 SAMPLES_FILE = "samples.json"
 ZEROSHOT_FILE = Path("eval") / "zeroshot.json"  # written by eval.zeroshot
+NIAH_FILE = Path("eval") / "niah.json"  # written by eval.niah, with its heat-map:
+NIAH_PLOT = Path("eval") / "niah.png"
 STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
 th{background:#f5f5f5}pre{background:#f8f8f8;padding:1rem;overflow:auto;font-size:.85rem}img{max-width:100%}"""
@@ -213,6 +236,7 @@ def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
 {_comparison_section(run_dir, compare or [])}
 {_samples_section(run_dir)}
 {_zeroshot_section(run_dir)}
+{_niah_section(run_dir)}
 <h2>Data</h2>{_source_rows(stats)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 </body></html>

@@ -22,8 +22,8 @@ from lm_eval.api.registry import register_model
 from nestlearn.config.loader import to_dict
 from nestlearn.eval.report import ZEROSHOT_FILE
 from nestlearn.eval.scoring import Scorer
-from nestlearn.loading import LoadedModel, checkpoint_run_dir, load
-from nestlearn.utils.io import atomic_write_json, read_json
+from nestlearn.loading import LoadedModel, checkpoint_run_dir, load_run_or_export
+from nestlearn.utils.io import atomic_write_json
 
 # The paper's zero-shot set (arXiv 2512.24695, its language-modelling table): the harness's
 # own task names. They download their datasets, so they need the internet once.
@@ -45,7 +45,7 @@ class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
         if loaded is None:
             if pretrained is None:
                 raise ValueError("the nestlearn model needs pretrained=RUN_DIR (or a checkpoint directory)")
-            loaded = _load(pretrained, device)
+            loaded = load_run_or_export(pretrained, device)
         self.loaded = loaded
         window = max_length or loaded.config.train.seq_len
         self.scorer = Scorer(loaded.model, loaded.tokenizer, int(window), _batch(batch_size))
@@ -58,17 +58,6 @@ class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         return self.scorer.generate_until([(r.args[0], dict(r.args[1])) for r in requests])
-
-
-def _load(path: str | Path, device: str) -> LoadedModel:
-    """A run directory or checkpoint, or a directory `nestlearn export --hf` wrote (its
-    config.json is a transformers config of model_type nestlearn; needs the hf extra)."""
-    config = Path(path) / "config.json"
-    if config.is_file() and read_json(config).get("model_type") == "nestlearn":
-        from nestlearn.hf.export import load_exported
-
-        return load_exported(path, device)
-    return load(path, device=device)
 
 
 def _batch(value: int | str) -> int:
@@ -95,7 +84,7 @@ def run_zeroshot(path: str | Path, tasks: str, *, limit: float | None = None, ba
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    loaded = _load(path, device)
+    loaded = load_run_or_export(path, device)
     adapter = NestlearnLM(loaded=loaded, batch_size=batch_size, max_length=max_length)
     names = task_list(tasks)
     manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
