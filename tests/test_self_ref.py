@@ -716,13 +716,18 @@ def test_one_token_decoding_equals_the_chunk_path(overrides: dict[str, object]) 
     x = inputs(13)
     whole, whole_state = layer(x)
     taken = 0
-    with torch.no_grad():
-        state, outs = None, []
-        for t in range(13):
-            y, state = layer(x[:, t:t + 1], state)
-            outs.append(y)
-            taken += state.read is not None or (not layer.config.in_chunk_reads and state.memory_buffer.length > 0)
-    torch.testing.assert_close(torch.cat(outs, 1), whole.detach(), rtol=1e-9, atol=1e-10)
+    for prompt in (0, 6):  # token by token from the start, or after a prompt that ends mid-chunk
+        with torch.no_grad():
+            state, outs = None, []
+            if prompt:
+                y, state = layer(x[:, :prompt])
+                outs.append(y)
+            for t in range(prompt, 13):
+                y, state = layer(x[:, t:t + 1], state)
+                outs.append(y)
+                taken += state.read is not None or (not layer.config.in_chunk_reads
+                                                    and state.memory_buffer.length > 0)
+        torch.testing.assert_close(torch.cat(outs, 1), whole.detach(), rtol=1e-9, atol=1e-10)
     assert state is not None
     assert_states_close(state, whole_state)
     chunk_path_state = None

@@ -295,12 +295,32 @@ class SelfRefTitans(nn.Module):
     def forward(self, x: Tensor, state: SelfRefState | None = None) -> tuple[Tensor, SelfRefState]:
         if self.config.compile and not compile_available(x.device.type, COMPILE_OPTION, COMPILE_COST):
             self.config = dataclasses.replace(self.config, compile=False)  # for this process
-        c, spec = self.config, self.config.spec()
+        c = self.config
         if state is None:
             state = self.initial_state(x.shape[0])
         if decoding_applies(x, state.other_buffer.shape[-2], state.memory_buffer.length, c.other_chunk_size,
                             c.memory_chunk_size, state.read is not None or not c.in_chunk_reads):
             return self._decode(x, state)
+        y, new_state = self._forward_chunks(x, state)
+        if torch.is_grad_enabled() or not c.in_chunk_reads or new_state.memory_buffer.length == 0:
+            return y, new_state
+        return y, dataclasses.replace(new_state, read=self._replay(new_state))
+
+    def _replay(self, state: SelfRefState) -> GroupState:
+        """M_memory,t-1 after the buffered tokens of an unfinished chunk, by ``read_step`` from
+        the chunk-start memory: what lets the next one-token call skip the chunk path."""
+        c, spec = self.config, self.config.spec()
+        log_momentum = self.log_momentum()
+        beta = None if log_momentum is None else log_momentum[1]
+        read, w = state.memory, state.memory_buffer
+        for j in range(w.length):
+            read = read_step(read, state.memory, w.k[..., j:j + 1, :], w.v[..., j:j + 1, :], w.theta[..., j:j + 1],
+                             w.log_keep[..., j:j + 1], beta, spec, c.dgd, c.curvature_step)
+        return read
+
+    def _forward_chunks(self, x: Tensor, state: SelfRefState) -> tuple[Tensor, SelfRefState]:
+        """``forward`` through the chunk machinery (any number of tokens, with or without autograd)."""
+        c, spec = self.config, self.config.spec()
         if c.compile and x.device.type == "cpu":  # before the compiled chunks, which call it
             cpu_kernels.load(COMPILE_OPTION)
         aligned = (self.to_q is not None and c.other_chunk_size == c.memory_chunk_size
