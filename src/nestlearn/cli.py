@@ -119,11 +119,26 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     n.add_argument("--piece", type=int, default=2048, help="tokens read per call while reading a prompt")
     n.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     n.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval/niah.json (+ .png)")
+    text = "in-context recall (MQAR): train small models of each type from scratch, sweep length and width"
+    m = kinds.add_parser("mqar", help=text, description=text)
+    m.add_argument("--models", default="transformer,hope_attention,titans_mac,hope", help="model types")
+    m.add_argument("--seq-lens", default="64,128,256", help="sequence lengths, comma-separated")
+    m.add_argument("--widths", default="64,128,256", help="model widths, comma-separated")
+    m.add_argument("--num-pairs", type=int, default=None, help="key-value pairs (default: seq_len / 16)")
+    m.add_argument("--vocab-size", type=int, default=8192)
+    m.add_argument("--steps", type=int, default=2000)
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out-dir", type=Path, default=Path("runs/mqar"),
+                   help="results go to OUT_DIR/eval/mqar.json (+ .png); a rerun resumes")
 
 
 def _eval(args: argparse.Namespace) -> int:
     if args.eval_kind == "niah":
         return _niah(args)
+    if args.eval_kind == "mqar":
+        return _mqar(args)
     try:
         from nestlearn.eval.zeroshot import run_zeroshot
     except ImportError as exc:
@@ -159,6 +174,21 @@ def _niah(args: argparse.Namespace) -> int:
     for task, per_length in blob["accuracy"].items():
         shown = ", ".join(f"{n}: {sum(d.values()) / len(d):.2f}" for n, d in per_length.items())
         print(f"{task}: {shown}")
+    print(f"results: {path}")
+    return 0
+
+
+def _mqar(args: argparse.Namespace) -> int:
+    from nestlearn.eval.mqar_train import MQARSweep, sweep_and_save
+
+    sweep = MQARSweep(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                      seq_lens=_numbers(args.seq_lens, int, "--seq-lens"), widths=_numbers(args.widths, int, "--widths"),
+                      num_pairs=args.num_pairs, vocab_size=args.vocab_size, steps=args.steps, batch=args.batch,
+                      lr=args.lr, seed=args.seed)
+    path, blob = sweep_and_save(sweep, args.out_dir)
+    for r in blob["results"]:
+        print(f"{r['model']:<16} T={r['seq_len']:<5} d={r['width']:<5} pairs={r['num_pairs']:<3} "
+              f"accuracy {r['accuracy']:.3f}{'' if r['finite'] else '  (non-finite loss)'}")
     print(f"results: {path}")
     return 0
 
