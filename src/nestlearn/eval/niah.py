@@ -261,7 +261,7 @@ def heatmap(blob: dict[str, Any]) -> bytes | None:
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if value < 0.5 else "black")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+        fig.colorbar(image, ax=ax, label="accuracy")
     fig.suptitle(f"needle in a haystack: {blob.get('model', '')}")
     return png_figure(fig, plt)
 
