@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from nestlearn.config import load_config
-from nestlearn.generate import SamplingConfig, sample_ids
+from nestlearn.generate import SamplingConfig, read_prompt, sample_ids
 from nestlearn.models import LanguageModel, build
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
@@ -82,9 +82,7 @@ def peak_rss_mb() -> float | None:
 def measure(model: LanguageModel, context: int, args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, VOCAB, (1, context), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    state = None
-    for lo in range(0, context - 1, args.prefill_chunk):
-        _, state = model(ids[:, lo:min(lo + args.prefill_chunk, context - 1)], state)
+    state = read_prompt(model, ids[:, :context - 1], args.prefill_chunk)
     prefill_s = time.perf_counter() - start
     size = state_bytes(state)
     reset_peak_rss()

@@ -89,6 +89,15 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 @torch.no_grad()
+def read_prompt(model: LanguageModel, ids: Tensor, piece: int, state: Any | None = None) -> Any:
+    """The model's state after ids ``(B, T)``, read ``piece`` tokens per call: activations stay
+    bounded by the piece, and a recurrent model's memory stays flat in the prompt's length."""
+    for lo in range(0, ids.shape[1], piece):
+        _, state = model(ids[:, lo:lo + piece], state)
+    return state
+
+
+@torch.no_grad()
 def sample_ids(model: LanguageModel, prompt: Tensor, sampling: SamplingConfig,
                state: Any | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row (B,) after prompt ids (B, T), up to

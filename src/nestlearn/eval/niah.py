@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
@@ -37,7 +37,7 @@ from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import DEFAULT_CORPUS
 from nestlearn.data.corpus import open_source, split_of
 from nestlearn.eval.report import NIAH_FILE, NIAH_PLOT, png_figure, pyplot
-from nestlearn.generate import SamplingConfig, sample_ids
+from nestlearn.generate import SamplingConfig, TextCodec, read_prompt, sample_ids
 from nestlearn.loading import checkpoint_run_dir, load_run_or_export
 from nestlearn.models.base import LanguageModel
 from nestlearn.train.progress import Progress
@@ -82,14 +82,6 @@ LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-class Codec(Protocol):
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
 @dataclass(frozen=True)
 class NiahExample:
     """A prompt of exactly ``length`` tokens with one needle; ``needle_at``: the token index
@@ -128,7 +120,7 @@ def corpus_lines(val_fraction: float = 0.05) -> Iterator[str]:
             yield from (line for line in doc.text.splitlines() if line.strip())
 
 
-def make_example(task: str, length: int, depth: float, codec: Codec, lines: Iterator[str],
+def make_example(task: str, length: int, depth: float, codec: TextCodec, lines: Iterator[str],
                  rng: random.Random) -> NiahExample:
     """One prompt: the header, haystack lines cut to fill ``length`` tokens exactly, the needle
     as its own line at the line boundary nearest ``depth`` of the haystack, the question."""
@@ -164,14 +156,12 @@ def score(prediction: str, answer: str) -> float:
 
 
 @torch.no_grad()
-def answer(model: LanguageModel, codec: Codec, ids: Sequence[int], max_new_tokens: int, piece: int = 2048) -> str:
+def answer(model: LanguageModel, codec: TextCodec, ids: Sequence[int], max_new_tokens: int, piece: int = 2048) -> str:
     """The greedy continuation of ``ids`` up to a newline or ``max_new_tokens``; the prompt is
     read ``piece`` tokens at a time carrying the state."""
     device = next(model.parameters()).device
     prompt = torch.tensor([list(ids)], device=device)
-    state = None
-    for lo in range(0, prompt.shape[1] - 1, piece):
-        _, state = model(prompt[:, lo:min(lo + piece, prompt.shape[1] - 1)], state)
+    state = read_prompt(model, prompt[:, :-1], piece)
     out: list[int] = []
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     for token in sample_ids(model, prompt[:, -1:], sampling, state):
@@ -205,7 +195,7 @@ class NiahSettings:
             raise ValueError(f"samples and piece must be >= 1, got {self.samples} and {self.piece}")
 
 
-def run_niah(model: LanguageModel, codec: Codec, settings: NiahSettings,
+def run_niah(model: LanguageModel, codec: TextCodec, settings: NiahSettings,
              on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every task × length × depth × sample, in that order; returns the settings, each
     example's result and the accuracy per task, length and depth."""
