@@ -7,11 +7,16 @@ data, tokenizer, batches (16 x 256 tokens a step), warmup and cosine schedule. P
 
   sweep      each model at four learning rates, seed 0, `--sweep-tokens` (default 1M)
   final      each model at its best swept rate, seeds 0-2, `--final-tokens` (default 3M)
-  ablations  HOPE at its best rate, seed 0, `--final-tokens`: the paper's rows (without DGD,
+  ablations  HOPE at its best rate, seed 0, `--ablation-tokens` (default 1M, the sweep's budget:
+             thirteen 3M runs would take a day here), beside HOPE with every mechanism on at
+             seeds 0 and 1 (the seed-1 run sizes the noise): the paper's rows (without DGD,
              momentum, weight decay or CMS; k or v a static projection, i.e. at the lowest
              frequency), no self-modification (k, v, q static), and issue 19's fixes undone
              one at a time (the level-clock rules `optimizer.level_lr`, chunk-start reads) or,
              for fix 3, switched on (`mix_input`: the generators read the whole token)
+
+`--lr MODEL=RATE` (repeatable) fixes a model's rate instead of taking the sweep's best, so the
+final and ablation phases can run without the sweep's run directories.
 
 Each run is a `nestlearn` run directory under `--out-dir`; a run that was cut off resumes from
 its last checkpoint and a finished one is not trained again, so the same command picks up where
@@ -21,7 +26,7 @@ seconds. Wall-clock figures are only comparable between runs that had the machin
 
     python benchmarks/quality.py --phase sweep --models transformer,titans_mac
     python benchmarks/quality.py --phase final
-    python benchmarks/quality.py --phase ablations
+    python benchmarks/quality.py --phase ablations --lr hope=3e-3
     python benchmarks/quality.py --phase report     # tables and curves of what has finished
 """
 
@@ -99,7 +104,10 @@ def sweep_runs(models: list[str], tokens: int) -> list[Run]:
 
 
 def best_lr(model: str, args: argparse.Namespace) -> float | None:
-    """The swept rate with the lowest final validation loss (None until the sweep is done)."""
+    """`--lr`'s rate for the model, else the swept rate with the lowest final validation loss
+    (None until the sweep is done)."""
+    if model in args.lr:
+        return float(args.lr[model])
     losses = {r.lr: final_loss(r, args) for r in sweep_runs([model], args.sweep_tokens)}
     if any(v is None for v in losses.values()):
         return None
@@ -124,8 +132,9 @@ def ablation_runs(args: argparse.Namespace, warn: bool = False) -> list[Run]:
         if warn:
             print("hope: the sweep is not finished; run --phase sweep first", file=sys.stderr)
         return []
-    return [Run(f"ablation_{name}", "hope", lr, 0, args.final_tokens, tuple(o))
-            for name, o in ABLATIONS.items()]
+    base = [Run(f"ablation_all_on_s{s}", "hope", lr, s, args.ablation_tokens) for s in (0, 1)]
+    return base + [Run(f"ablation_{name}", "hope", lr, 0, args.ablation_tokens, tuple(o))
+                   for name, o in ABLATIONS.items()]
 
 
 def metrics(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -192,10 +201,11 @@ def tables(models: list[str], args: argparse.Namespace) -> dict[str, list[dict[s
         if runs and (r := row(m, runs, args)) is not None:
             final.append(r)
     ablations = []
-    base = [r for r in final_runs(["hope"], args) if r.seed == 0]
-    if base and (r := row("hope", base, args)) is not None:
+    runs = ablation_runs(args) if "hope" in models else []
+    base, rest = [r for r in runs if not r.overrides], [r for r in runs if r.overrides]
+    if base and (r := row("hope (all on)", base, args)) is not None:
         ablations.append(r)
-    for run in ablation_runs(args) if "hope" in models else []:
+    for run in rest:
         if (r := row(run.name.removeprefix("ablation_"), [run], args)) is not None:
             ablations.append(r)
     return {"sweep": sweep, "final": final, "ablations": ablations}
@@ -261,6 +271,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"some of {', '.join(MODELS)}")
     p.add_argument("--sweep-tokens", type=int, default=1_003_520, help="tokens per sweep run (245 steps)")
     p.add_argument("--final-tokens", type=int, default=3_010_560, help="tokens per final run (735 steps)")
+    p.add_argument("--ablation-tokens", type=int, default=1_003_520,
+                   help="tokens per ablation run (245 steps)")
+    p.add_argument("--lr", action="append", default=[], metavar="MODEL=RATE",
+                   help="use this rate for MODEL instead of the sweep's best")
     p.add_argument("--max-chars", default="null",
                    help="data.max_chars_per_source (null: the whole standard library)")
     p.add_argument("--threads", type=int, default=2)
@@ -272,6 +286,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := sorted(set(models) - set(MODELS)):
         p.error(f"unknown models {unknown}; expected some of {', '.join(MODELS)}")
     args.models = models
+    rates: dict[str, float] = {}
+    for item in args.lr:
+        model, _, rate = item.partition("=")
+        if model not in MODELS:
+            p.error(f"--lr {item!r}: unknown model {model!r}; expected one of {', '.join(MODELS)}")
+        try:
+            rates[model] = float(rate)
+        except ValueError:
+            p.error(f"--lr {item!r}: expected MODEL=RATE with a number, e.g. hope=3e-3")
+    args.lr = rates
     return args
 
 
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(Path(args.json), {"settings": {
         "batch": BATCH, "seq_len": SEQ_LEN, "learning_rates": LEARNING_RATES, "seeds": SEEDS,
         "sweep_tokens": args.sweep_tokens, "final_tokens": args.final_tokens,
+        "ablation_tokens": args.ablation_tokens, "fixed_lr": args.lr,
         "max_chars_per_source": args.max_chars, "threads": args.threads}, **found})
     print(f"wrote {args.json}")
     if args.plots:

@@ -81,8 +81,9 @@ def test_save_and_auto_load_keep_the_logits(model_type: str, tmp_path: Path) -> 
     assert isinstance(loaded, NestlearnForCausalLM) and loaded.dtype == torch.float64
     assert loaded.config.model_config == model.config.model_config
     ids = prompt_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with torch.no_grad():  # bit-equal weights; the loaded tensors' alignment may pick another
+        # vector kernel, whose sums round differently (seen: 7e-17 in HOPE's float64 logits)
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestlearn.memory import MemoryState, NeuralMemory, NeuralMemoryConfig, chunked, conv
+from nestlearn.memory import (
+    MemoryState,
+    NeuralMemory,
+    NeuralMemoryConfig,
+    chunked,
+    conv,
+    neural_memory,
+)
 from nestlearn.memory.conv import causal_depthwise_conv
 
 TINY = NeuralMemoryConfig(d_model=8, heads=2, head_dim=4, depth=2, expansion=2.0, chunk_size=4,
@@ -105,6 +112,43 @@ def test_decode_without_grad_and_detach() -> None:
     _, state = memory(x)
     assert state.weights.layers[0].requires_grad
     assert not state.detach().weights.layers[0].requires_grad
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("prompt", [0, 2, 4])
+def test_one_token_steps_equal_the_chunk_path(variant: str, prompt: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding after a prompt (none, ending mid-chunk, on a boundary): every token's output
+    and the final state equal one call's, and only tokens completing a chunk take the chunk
+    path (the others ``token_step``)."""
+    memory = build(dataclasses.replace(TINY, **VARIANTS[variant]))
+    x, length, size = inputs(13), 13, memory.config.chunk_size
+    calls: list[int] = []
+    scan = neural_memory.chunked_memory_scan
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        y, state = memory(x)
+        ys, stepped = [y[:, :prompt]], memory(x[:, :prompt])[1] if prompt else None
+        monkeypatch.setattr(neural_memory, "chunked_memory_scan", counted)
+        for t in range(prompt, length):
+            y_t, stepped = memory(x[:, t:t + 1], stepped)
+            ys.append(y_t)
+    assert stepped is not None
+    torch.testing.assert_close(torch.cat(ys, dim=1), y, rtol=1e-10, atol=1e-12)
+    assert len(calls) == sum((t + 1) % size == 0 for t in range(prompt, length))
+    assert stepped.position == state.position == length % size
+    pairs = [(stepped.weights, state.weights), (stepped.momentum, state.momentum)]
+    if state.position:  # (M_t, S_t) after the buffered tokens, carried for the next token
+        assert stepped.current is not None and state.current is not None
+        pairs += zip(stepped.current, state.current, strict=True)
+    else:
+        assert stepped.current is None and state.current is None
+    for a, b in pairs:
+        for u, w in zip(a.layers, b.layers, strict=True):
+            torch.testing.assert_close(u, w, rtol=1e-10, atol=1e-12)
 
 
 def test_compiled_chunks_equal_eager() -> None:

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestlearn.memory.chunked import COMPILE_OPTION, chunked_memory_scan
+from nestlearn.memory.chunked import COMPILE_OPTION, chunked_memory_scan, current_memory
 from nestlearn.memory.conv import causal_depthwise_conv
-from nestlearn.memory.mlp import Activation, MemoryMLPSpec
+from nestlearn.memory.mlp import Activation, MemoryMLPSpec, mlp_forward
 from nestlearn.memory.reference import reference_memory_scan
 from nestlearn.memory.state import MemoryState, MemoryStats, MemoryWeights, Writes
+from nestlearn.memory.token_step import memory_token_step, token_step_applies
 from nestlearn.memory.toolchain import compile_available
 
 COMPILE_COST = "the memory trains ~1.2x slower"
@@ -99,6 +100,8 @@ class NeuralMemory(nn.Module):
 
     Streaming is exact: one call, many calls with the returned state, or one token at a time
     give the same outputs (the state keeps the chunk-start memory and the partial chunk).
+    Without autograd a one-token call that completes no chunk advances the carried (M_t, S_t)
+    by one step (``token_step``) instead of re-reading the chunk: decoding's cost per token.
     """
 
     def __init__(self, config: NeuralMemoryConfig) -> None:
@@ -182,11 +185,28 @@ class NeuralMemory(nn.Module):
         c = self.config
         if state is None:
             state = self.initial_state(x.shape[0])
+        if token_step_applies(x, state.buffer.length, c.chunk_size, state.current is not None):
+            return self._decode(x, state)
         q, writes, cache = self.project(x, state.conv_cache)
         res = chunked_memory_scan(state.weights, state.momentum, state.buffer, q, writes,
                                   c.spec(), c.chunk_size, c.grad_clip, c.compile, c.write_bound)
         stats = _stats(writes, res.sq_norms, res.momentum)
-        return self.readout(res.y, x), MemoryState(res.weights, res.momentum, res.buffer, cache, stats)
+        current = (None if torch.is_grad_enabled() or res.buffer.length == 0 else
+                   current_memory(res.weights, res.momentum, res.buffer, c.spec(), c.grad_clip, bounded=False))
+        return self.readout(res.y, x), MemoryState(res.weights, res.momentum, res.buffer, cache, stats, current)
+
+    def _decode(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """``forward`` for one token that completes no chunk, without autograd: (M_t, S_t) from
+        the carried copy (or the chunk start) by ``memory_token_step``, y_t = M_t(q_t), the
+        buffer grown by the token. The chunk path's equations, token by token."""
+        c = self.config
+        q, writes, cache = self.project(x, state.conv_cache)
+        weights, momentum = state.current or (state.weights, state.momentum)
+        weights, momentum, sq = memory_token_step(state.weights, weights, momentum, writes, c.spec(), c.grad_clip)
+        y = mlp_forward(weights.layers, q, c.spec())
+        stats = _stats(writes, sq, state.momentum)
+        return self.readout(y, x), MemoryState(state.weights, state.momentum, state.buffer.cat(writes), cache,
+                                               stats, (weights, momentum))
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The same layer from the initial state through the per-token reference scan (tests,

@@ -111,7 +111,10 @@ class MemoryState:
     tokens of the current chunk seen so far (their gradients are all taken at M_0).
     ``conv_cache``: the last ``kernel - 1`` pre-convolution q|k|v projections ``(B, kernel-1,
     3 * heads * head_dim)``, or ``None`` without convolutions. ``stats``: of the call that
-    made it.
+    made it. ``current``: (M_t, S_t) with the buffered tokens applied (the paper's write,
+    ``token_step``), carried by calls without autograd so that a one-token call can read it;
+    ``None`` when unknown (then only a chunk start, where it is (M_0, S_0), lets a one-token
+    call skip the chunk path).
     """
 
     weights: MemoryWeights
@@ -119,6 +122,7 @@ class MemoryState:
     buffer: Writes
     conv_cache: Tensor | None = None
     stats: MemoryStats | None = None
+    current: tuple[MemoryWeights, MemoryWeights] | None = None
 
     @property
     def position(self) -> int:
@@ -128,5 +132,6 @@ class MemoryState:
     def detach(self) -> MemoryState:
         """Cut the autograd history (truncated backpropagation through time)."""
         cache = None if self.conv_cache is None else self.conv_cache.detach()
+        current = None if self.current is None else (self.current[0].detach(), self.current[1].detach())
         return MemoryState(self.weights.detach(), self.momentum.detach(), self.buffer.detach(),
-                           cache, self.stats)
+                           cache, self.stats, current)
