@@ -48,6 +48,6 @@ def test_the_cli_trains_and_refuses_bad_settings(tmp_path: Path, capsys: pytest.
     assert "transformer" in out and f"results: {tmp_path / 'eval' / 'mqar.json'}" in out
     assert json.loads((tmp_path / "eval" / "mqar.json").read_text())["results"][0]["num_pairs"] == 2
     assert cli.main([*args[:7], "12", *args[8:]]) != 0
-    assert "widths must be multiples of 8" in capsys.readouterr().err
+    assert "must be a multiple of 8, >= 8, got 12" in capsys.readouterr().err
     assert cli.main([*args[:2], "--models", "nope", *args[4:]]) != 0
     assert "unknown model type" in capsys.readouterr().err

@@ -132,6 +132,33 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out-dir", type=Path, default=Path("runs/mqar"),
                    help="results go to OUT_DIR/eval/mqar.json (+ .png); a rerun resumes")
+    text = "MAD's six synthetic tasks: train small models of each type from scratch"
+    d = kinds.add_parser("mad", help=text, description=text)
+    _from_scratch_options(d, "mad")
+    d.add_argument("--tasks", default="in_context_recall,fuzzy_in_context_recall,noisy_in_context_recall,"
+                   "selective_copying,compression,memorization", help="MAD tasks, comma-separated (default: all)")
+    d.add_argument("--max-seq-len", type=int, default=64, help="cap on the published sequence lengths")
+    d.add_argument("--test-examples", type=int, default=256, help="cap on the published test set sizes")
+    d.add_argument("--full", action="store_true",
+                   help="the published settings, uncapped (with --width 128: MAD's; for a GPU)")
+    text = "formal languages: train small models on short strings, test on longer ones"
+    f = kinds.add_parser("formal", help=text, description=text)
+    _from_scratch_options(f, "formal")
+    f.add_argument("--languages", default="parity,aa_star,abab_star,anbn,anbncn,shuffle2",
+                   help="languages, comma-separated (default: all)")
+    f.add_argument("--test-examples", type=int, default=100, help="strings per length bin")
+
+
+def _from_scratch_options(p: argparse.ArgumentParser, task: str) -> None:
+    """The options every evaluation that trains its own small models takes."""
+    p.add_argument("--models", default="transformer,titans_mac,hope", help="model types, comma-separated")
+    p.add_argument("--width", type=int, default=64, help="model width (d_model)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=Path(f"runs/{task}"),
+                   help=f"results go to OUT_DIR/eval/{task}.json (+ .png); a rerun resumes")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -139,6 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
         return _niah(args)
     if args.eval_kind == "mqar":
         return _mqar(args)
+    if args.eval_kind in ("mad", "formal"):
+        return _mad_or_formal(args)
     try:
         from nestlearn.eval.zeroshot import run_zeroshot
     except ImportError as exc:
@@ -189,6 +218,29 @@ def _mqar(args: argparse.Namespace) -> int:
     for r in blob["results"]:
         print(f"{r['model']:<16} T={r['seq_len']:<5} d={r['width']:<5} pairs={r['num_pairs']:<3} "
               f"accuracy {r['accuracy']:.3f}{'' if r['finite'] else '  (non-finite loss)'}")
+    print(f"results: {path}")
+    return 0
+
+
+def _mad_or_formal(args: argparse.Namespace) -> int:
+    from nestlearn.eval import formal_train, mad_train
+
+    names = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    shared = {"models": names, "width": args.width, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "seed": args.seed, "test_examples": args.test_examples}
+    if args.eval_kind == "mad":
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        path, blob = mad_train.sweep_and_save(
+            mad_train.MADSweep(tasks=tasks, max_seq_len=args.max_seq_len, full=args.full, **shared), args.out_dir)
+        for r in blob["results"]:
+            print(f"{r['model']:<16} {r['task']:<26} T={r['seq_len']:<4} accuracy {r['accuracy']:.3f}"
+                  f"{'' if r['finite'] else '  (non-finite loss)'}")
+    else:
+        languages = tuple(t.strip() for t in args.languages.split(",") if t.strip())
+        path, blob = formal_train.sweep_and_save(formal_train.FormalSweep(languages=languages, **shared), args.out_dir)
+        for r in blob["results"]:
+            scores = "  ".join(f"{a}-{b}: {x:.2f}" for (a, b), x in zip(r["bins"], r["accuracy"], strict=True))
+            print(f"{r['model']:<16} {r['language']:<10} {scores}{'' if r['finite'] else '  (non-finite loss)'}")
     print(f"results: {path}")
     return 0
 
