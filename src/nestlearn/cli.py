@@ -141,6 +141,18 @@ def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.add_argument("--test-examples", type=int, default=256, help="cap on the published test set sizes")
     d.add_argument("--full", action="store_true",
                    help="the published settings, uncapped (with --width 128: MAD's; for a GPU)")
+    text = ("continual learning: train one model on data segments in turn (default: stdlib packages "
+            "email, asyncio, tkinter, multiprocessing, xml), evaluate on all after each")
+    c = kinds.add_parser("continual", help=text, description=text)
+    c.add_argument("--config-name", "-c", default=DEFAULT_CONFIG,
+                   help=f"the run's config (model, optimizer, train.steps per segment; default: {DEFAULT_CONFIG})")
+    c.add_argument("--config-path", type=Path, default=None, help="an extra directory searched first for configs")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=200")
+    c.add_argument("--segments", type=Path, default=None,
+                   help="YAML: segments: [{name: ..., sources: [...]}, ...] (default: the five stdlib packages)")
+    c.add_argument("--val-fraction", type=float, default=0.2, help="share of each segment's files held out")
+    c.add_argument("--reset-optimizer", action="store_true",
+                   help="a fresh optimizer state per segment (default: it carries over)")
     text = "formal languages: train small models on short strings, test on longer ones"
     f = kinds.add_parser("formal", help=text, description=text)
     _from_scratch_options(f, "formal")
@@ -168,6 +180,8 @@ def _eval(args: argparse.Namespace) -> int:
         return _mqar(args)
     if args.eval_kind in ("mad", "formal"):
         return _mad_or_formal(args)
+    if args.eval_kind == "continual":
+        return _continual(args)
     try:
         from nestlearn.eval.zeroshot import run_zeroshot
     except ImportError as exc:
@@ -218,6 +232,18 @@ def _mqar(args: argparse.Namespace) -> int:
     for r in blob["results"]:
         print(f"{r['model']:<16} T={r['seq_len']:<5} d={r['width']:<5} pairs={r['num_pairs']:<3} "
               f"accuracy {r['accuracy']:.3f}{'' if r['finite'] else '  (non-finite loss)'}")
+    print(f"results: {path}")
+    return 0
+
+
+def _continual(args: argparse.Namespace) -> int:
+    from nestlearn.config import load_config
+    from nestlearn.eval.continual import DEFAULT_SEGMENTS, read_segments, run_continual
+
+    cfg = load_config(args.config_name, args.overrides, args.config_path)
+    segments = DEFAULT_SEGMENTS if args.segments is None else read_segments(args.segments)
+    path, blob = run_continual(cfg, segments, args.reset_optimizer, args.val_fraction)
+    print(" ".join(f"{name} {value:.4f}" for name, value in blob["metrics"].items()))
     print(f"results: {path}")
     return 0
 

@@ -1,8 +1,9 @@
 """Corpus readers: every source becomes a deterministic, sorted stream of `Document`s.
 
-Sources are the default corpus ("stdlib": the running interpreter's standard library), files,
-directories, globs, JSONL and Parquet files, or `hf:<name>[:<split>]`. Unreadable items are
-reported through a callback with a reason instead of crashing, so they show up in the stats.
+Sources are the default corpus ("stdlib": the running interpreter's standard library, or
+"stdlib:<package>" for one of its top-level packages), files, directories, globs, JSONL and
+Parquet files, or `hf:<name>[:<split>]`. Unreadable items are reported through a callback with a
+reason instead of crashing, so they show up in the stats.
 """
 
 from __future__ import annotations
@@ -224,12 +225,28 @@ def unique_names(specs: list[str]) -> list[str]:
     return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def _stdlib_part(spec: str, name: str, text_field: str) -> Source:
+    """``stdlib:<package>``: one top-level package (or module) of the default corpus, with doc
+    ids as in the whole corpus (e.g. ``email/parser.py``), for segments of continual learning."""
+    part = spec.split(":", 1)[1]
+    root = stdlib_root()
+    target = root / part
+    files = (_visible_files(target, ".py") if target.is_dir() and "/" not in part and part not in _EXCLUDED_DIRS
+             else [root / f"{part}.py"] if "/" not in part and (root / f"{part}.py").is_file() else [])
+    if not files:
+        raise DataError(f"source '{spec}': the standard library at {root} has no top-level package or module "
+                        f"{part!r}; expected e.g. stdlib:email")
+    return Source(spec, name, text_field, "files", root, tuple(files))
+
+
 def open_source(spec: str, *, text_field: str = "text", name: str | None = None) -> Source:
     """Resolve a source spec; a spec that matches nothing raises `DataError`."""
     name = name or source_name(spec)
     if spec == DEFAULT_CORPUS:
         root = stdlib_root()
         return Source(spec, name, text_field, "files", root, tuple(_visible_files(root, ".py")))
+    if spec.startswith(f"{DEFAULT_CORPUS}:"):
+        return _stdlib_part(spec, name, text_field)
     if spec.startswith("hf:"):
         if len(spec) <= 3:
             raise DataError(f"source '{spec}': expected hf:<dataset name>[:<split>]")

@@ -198,7 +198,6 @@ SAMPLES_FILE = "samples.json"
 ZEROSHOT_FILE = Path("eval") / "zeroshot.json"  # written by eval.zeroshot
 NIAH_FILE = Path("eval") / "niah.json"  # written by eval.niah, with its heat-map:
 NIAH_PLOT = Path("eval") / "niah.png"
-MQAR_FILE = Path("eval") / "mqar.json"  # written by eval.mqar_train, with mqar.png
 STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
 th{background:#f5f5f5}pre{background:#f8f8f8;padding:1rem;overflow:auto;font-size:.85rem}img{max-width:100%}"""
