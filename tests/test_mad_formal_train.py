@@ -93,3 +93,11 @@ def test_the_cli_trains_both_and_refuses_bad_settings(tmp_path: Path, capsys: py
     assert "unknown language(s) dyck" in capsys.readouterr().err
     assert cli.main(["eval", "mad", *common[:2], "--width", "12", *common[4:]]) != 0
     assert "width must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_eval_help_lists_every_evaluation(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(kind in listed for kind in ("zeroshot", "niah", "mqar", "mad", "formal", "continual"))
