@@ -23,40 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from nestlearn.data.corpus import open_source, split_of
-from nestlearn.eval.zeroshot import run_zeroshot
+from nestlearn.eval.zeroshot import local_task_yaml, run_zeroshot
 from nestlearn.generate import TextCodec
 from nestlearn.loading import load
 from nestlearn.utils.io import atomic_write_json
-
-CHOICE_YAML = """task: stdlib_code_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-PPL_YAML = """task: stdlib_val_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
 
 
 def held_out_files(val_fraction: float) -> list[str]:
@@ -92,8 +62,9 @@ def write_tasks(root: Path, tokenizer: TextCodec, val_fraction: float, limit: in
     rows = choice_rows(texts, tokenizer, limit)
     (root / "choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "ppl.jsonl").write_text("".join(json.dumps({"text": t[:4000]}) + "\n" for t in texts[:limit // 5]))
-    (root / "stdlib_code_choice.yaml").write_text(CHOICE_YAML.format(data=root / "choice.jsonl"))
-    (root / "stdlib_val_ppl.yaml").write_text(PPL_YAML.format(data=root / "ppl.jsonl"))
+    (root / "stdlib_code_choice.yaml").write_text(
+        local_task_yaml("stdlib_code_choice", root / "choice.jsonl", "multiple_choice"))
+    (root / "stdlib_val_ppl.yaml").write_text(local_task_yaml("stdlib_val_ppl", root / "ppl.jsonl", "loglikelihood_rolling"))
     print(f"tasks: {len(rows)} choices, {min(len(texts), limit // 5)} files, in {root}")
     return root
 

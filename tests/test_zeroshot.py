@@ -94,28 +94,13 @@ def test_generate_until_stops_at_until() -> None:
 
 # -- the harness -----------------------------------------------------------------------------
 
-TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def code_task(root: Path, sources: Path, tokenizer: Any) -> Path:
     """A local multiple-choice task: which continuation of a line of real Python code is the
     real one, its tokens in order or the same tokens reversed? A model that knows nothing of
     order is at chance (the same pieces, as many of them)."""
     import random
+
+    from nestlearn.eval.zeroshot import local_task_yaml
 
     rng = random.Random(0)
     rows = []
@@ -133,7 +118,7 @@ def code_task(root: Path, sources: Path, tokenizer: Any) -> Path:
     assert len(rows) >= 30, len(rows)
     data = root / "code.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "code.yaml").write_text(TASK.format(name="nl_code_choice", data=data))
+    (root / "code.yaml").write_text(local_task_yaml("nl_code_choice", data, "multiple_choice"))
     return root
 
 

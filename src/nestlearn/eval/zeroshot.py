@@ -31,6 +31,42 @@ PAPER_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", 
                "arc_challenge", "social_iqa", "boolq")
 
 
+_TASK_HEAD = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+"""
+_TASK_BODY = {
+    "multiple_choice": """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""",
+    "loglikelihood_rolling": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+}
+
+
+def local_task_yaml(name: str, data: Path, output_type: str) -> str:
+    """A harness task YAML over a local JSONL file (for ``--include-path``): ``multiple_choice``
+    reads records {context, choices, label}, ``loglikelihood_rolling`` records {text}."""
+    if output_type not in _TASK_BODY:
+        raise ValueError(f"output_type {output_type!r}: expected one of {', '.join(_TASK_BODY)}")
+    return _TASK_HEAD.format(name=name, data=data) + _TASK_BODY[output_type]
+
+
 @register_model("nestlearn")
 class NestlearnLM(LM):  # type: ignore[misc]  # lm_eval is untyped
     """A nestlearn model for the harness. ``pretrained``: a run directory, a checkpoint or a
