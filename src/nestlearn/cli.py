@@ -294,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume auto)",
-              file=sys.stderr)
+        print("interrupted; every checkpoint written so far is complete: --resume auto continues from "
+              "the newest (with none yet, the run starts over)", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
         # Config, data and checkpoint errors are written as one self-explaining line.

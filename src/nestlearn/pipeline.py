@@ -25,7 +25,7 @@ from nestlearn.train.trainer import Trainer, TrainingDiverged
 from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_bytes, atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
-from nestlearn.utils.seeding import seed_everything
+from nestlearn.utils.seeding import resolve_device, seed_everything
 
 Log = Callable[[str], None]
 
@@ -71,16 +71,18 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
+    resolve_device(cfg.train.device)  # an unusable device fails before the run directory exists
     model = models.build(cfg.model)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything is written: a refused resume leaves the run directory as it was.
+    trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log)
     atomic_write_json(run_dir / "config.json", to_dict(cfg))
     atomic_write_json(run_dir / "data_stats.json", data.stats)
     # the run directory carries its tokenizer, so that `nestlearn.load` needs nothing else
     atomic_write_bytes(run_dir / TOKENIZER_FILE, data.tokenizer_path.read_bytes())
     log(f"model {cfg.model.type}: {model.num_params():,} parameters "
         f"({model.num_params(exclude_embeddings=True):,} without embeddings)")
-    trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log)
     try:
         final = trainer.fit()
     except TrainingDiverged as exc:

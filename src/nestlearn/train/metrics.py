@@ -8,6 +8,7 @@ then appends: the file equals that of an uninterrupted run, apart from timing fi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +34,20 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"metric value of type {type(value).__name__} is not JSON-serialisable")
 
 
+def _finite_or_none(value: Any) -> Any:
+    value = _plain(value) if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _dumps(record: dict[str, Any]) -> str:
-    return json.dumps(record, default=_plain)
+    """One JSON line; a non-finite number (a diverged loss) is written as null, since JSON has
+    no NaN or infinity (``read_jsonl`` reads it back as NaN)."""
+    return json.dumps({k: _finite_or_none(v) for k, v in record.items()}, default=_plain, allow_nan=False)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a last line cut short by a crash is dropped, not an error."""
+    """Records of a JSONL file; a last line cut short by a crash is dropped, not an error; null
+    (a non-finite number, ``_dumps``) comes back as NaN."""
     text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
     records: list[dict[str, Any]] = []
@@ -46,11 +55,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             if number == len(lines):  # no newline after it: the write was interrupted
                 break
             raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from exc
+        records.append({k: math.nan if v is None else v for k, v in record.items()})
     return records
 
 

@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,14 @@ from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
 from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
-from nestlearn.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from nestlearn.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from nestlearn.train.cpu_share import CpuShareCheck
-from nestlearn.train.metrics import make_sinks
+from nestlearn.train.metrics import METRICS_FILE, make_sinks
 from nestlearn.train.progress import Progress
 from nestlearn.utils.io import read_json
 from nestlearn.utils.seeding import resolve_device
@@ -94,14 +100,25 @@ class Trainer:
                                 resume_step=self.state.step if resumed else 0)
 
     def _maybe_resume(self, resume: str | None) -> bool:
+        """Load the checkpoint ``resume`` names (``checkpoint.resolve_resume``). A fresh start
+        (``None``/"none") in a directory that holds a run first moves that run aside, so two
+        runs never share one curve or one checkpoint directory; "auto" with checkpoints of which
+        none verifies refuses rather than silently starting over."""
+        if resume is None or resume == "none":
+            self._set_aside_previous_run()
+            return False
         path = resolve_resume(self.ckpt_root, resume)
         if path is None:
+            if found := list_checkpoints(self.ckpt_root):
+                raise ValueError(
+                    f"none of the {len(found)} checkpoints in {self.ckpt_root} verifies (the newest: "
+                    f"{found[-1].name}); --resume none starts the run over, moving them aside")
             return False
         conflicts = resume_conflicts(read_json(path / "config.json"), self.config_dict)
         if conflicts:
             raise ValueError(
                 f"cannot resume from {path}: its config differs in {', '.join(conflicts)}; "
-                f"use another run name (name=...) or --resume none with a fresh run directory")
+                "use another run name (name=...), or --resume none to start over (the old run is moved aside)")
         saved = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                 scheduler=self.scheduler, map_location=self.device)
         known = {k: v for k, v in saved.get("train", {}).items() if k in TrainState.__annotations__}
@@ -115,6 +132,23 @@ class Trainer:
             self.meta_loader.load_state_dict(saved["meta_data"])
         self.log(f"resumed from {path} at step {self.state.step}")
         return True
+
+    def _set_aside_previous_run(self) -> None:
+        """Move a previous run's checkpoints, metrics and config to ``superseded-<UTC time>/``."""
+        previous = [self.ckpt_root, self.run_dir / METRICS_FILE, self.run_dir / "metrics.json"]
+        held = [p for p in previous if (p.is_dir() and any(p.iterdir())) or (p.is_file() and p.stat().st_size > 0)]
+        if not held:
+            return
+        held += [p for p in (self.run_dir / "config.json",) if p.is_file()]  # what the old run was
+        stamp = f"superseded-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+        aside, n = self.run_dir / stamp, 1
+        while aside.exists():  # two fresh starts within a second
+            n += 1
+            aside = self.run_dir / f"{stamp}-{n}"
+        aside.mkdir()
+        for item in held:
+            item.rename(aside / item.name)
+        self.log(f"a fresh start in {self.run_dir}: the run it held is moved to {aside}")
 
     # -- one optimizer step ------------------------------------------------------------
     def _train_step(self) -> tuple[float, float]:
