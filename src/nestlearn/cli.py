@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -289,10 +290,26 @@ def _resume(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, with KEY=VALUE overrides allowed after options too
+    (``nestlearn run name=x --resume none train.steps=5``)."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extras):
+        args.overrides += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return _dispatch(args)
+    except BrokenPipeError:  # the reader went away (`nestlearn config | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; every checkpoint written so far is complete: --resume auto continues from "
               "the newest (with none yet, the run starts over)", file=sys.stderr)
@@ -309,6 +326,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "configs":
         print("\n".join(config.available_configs()))
+        from nestlearn.config.loader import NOT_RUN_CONFIGS, other_yaml
+
+        for name in other_yaml():
+            print(f"# not for -c: {name} is {NOT_RUN_CONFIGS[name.split('/')[0]]}", file=sys.stderr)
         return 0
     if args.command == "models":
         from nestlearn import models
@@ -333,9 +354,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from nestlearn.eval.report import write_report
 
+        if not (args.run_dir / "config.json").is_file():
+            raise ValueError(f"{args.run_dir} is not a run directory (no config.json in it); "
+                             "give the directory `nestlearn run` or `train` wrote, e.g. runs/<name>")
         print(write_report(args.run_dir))
         return 0
     cfg = config.load_config(args.config_name, args.overrides, args.config_path)
+    from nestlearn.models.registry import check_type
+
+    check_type(cfg.model.type)  # before any data is prepared
     if args.command == "config":
         print(dumps(cfg))
         return 0

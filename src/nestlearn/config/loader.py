@@ -55,12 +55,25 @@ def config_search_path(extra: Path | None = None) -> list[Path]:
     return unique
 
 
-def available_configs(extra: Path | None = None) -> list[str]:
-    """Names accepted by `--config-name`, e.g. `transformer/pilot_smoke`."""
+# Directories of YAML files that are not run configs, and what they are instead.
+NOT_RUN_CONFIGS = {"level_clock": "a level-clock preset (nestlearn.train.level_loop.load_level_clock_preset)"}
+
+
+def _yaml_names(extra: Path | None) -> set[str]:
     names: set[str] = set()
     for root in config_search_path(extra):
         names.update(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
-    return sorted(names)
+    return names
+
+
+def available_configs(extra: Path | None = None) -> list[str]:
+    """Names accepted by `--config-name`, e.g. `transformer/pilot_smoke`."""
+    return sorted(n for n in _yaml_names(extra) if n.split("/")[0] not in NOT_RUN_CONFIGS)
+
+
+def other_yaml(extra: Path | None = None) -> list[str]:
+    """The shipped YAML files that are not run configs (``NOT_RUN_CONFIGS``)."""
+    return sorted(n for n in _yaml_names(extra) if n.split("/")[0] in NOT_RUN_CONFIGS)
 
 
 def find_config(name: str, extra: Path | None = None) -> Path:
@@ -69,6 +82,9 @@ def find_config(name: str, extra: Path | None = None) -> Path:
     if direct.suffix in (".yaml", ".yml") and direct.is_file():
         return direct
     stem = name.removesuffix(".yaml")
+    if stem.split("/")[0] in NOT_RUN_CONFIGS and stem in _yaml_names(extra):
+        raise ConfigError("--config-name", name, "a run config (nestlearn configs lists them)",
+                          hint=f"{stem} is {NOT_RUN_CONFIGS[stem.split('/')[0]]}, not a run config")
     for root in config_search_path(extra):
         exact = root / f"{stem}.yaml"
         if exact.is_file():

@@ -41,11 +41,14 @@ def build(cfg: ModelConfig) -> LanguageModel:
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is not set: set it, or let the tokenizer fill it in")
     cfg.check("model")
-    builder = _BUILDERS.get(cfg.type)
-    if builder is None:
-        close = difflib.get_close_matches(cfg.type, available(), n=1)
+    check_type(cfg.type)
+    return _BUILDERS[cfg.type](cfg)
+
+
+def check_type(name: str) -> None:
+    """A one-line error for a ``model.type`` nothing is registered under (the CLI checks it
+    before preparing data)."""
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, available(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
-            f"unknown model.type '{cfg.type}'; available: {', '.join(available())}{hint}"
-        )
-    return builder(cfg)
+        raise ValueError(f"unknown model.type '{name}'; available: {', '.join(available())}{hint}")

@@ -57,8 +57,15 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The RESUME_KEYS whose values differ between a checkpoint's config and this run's."""
-    return [k for k in RESUME_KEYS if _lookup(saved, k) != _lookup(current, k)]
+    """The settings under RESUME_KEYS whose values differ between a checkpoint's config and
+    this run's, named down to the changed key (``model.d_model``, not ``model``)."""
+    return [name for k in RESUME_KEYS for name in _differences(_lookup(saved, k), _lookup(current, k), k)]
+
+
+def _differences(a: Any, b: Any, name: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b)) for d in _differences(a.get(key), b.get(key), f"{name}.{key}")]
+    return [] if a == b else [name]
 
 
 @dataclass
