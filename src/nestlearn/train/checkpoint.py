@@ -115,7 +115,13 @@ def _manifest(directory: Path, step: int) -> dict[str, Any]:
 
 
 def _prune(root: Path, just_written: Path, keep: int) -> None:
-    """Delete older step dirs beyond the `keep` newest; later steps (another branch) stay."""
+    """Delete older step dirs beyond the `keep` newest; later steps (another branch) stay.
+    Nothing is deleted unless the new checkpoint verifies: rotation never removes the last
+    valid checkpoint behind a bad write."""
+    try:
+        verify_checkpoint(just_written)
+    except CheckpointError:
+        return
     step = _step_of(just_written)
     older = [p for p in list_checkpoints(root) if p != just_written and _step_of(p) < step]
     for path in older[: max(0, len(older) - (keep - 1))]:

@@ -69,7 +69,9 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `final` in one rename.
 
     If the body raises (or the process dies), `final` is untouched and the temporary
-    directory is removed (or left with a leading dot, ignored by readers).
+    directory is removed (or left with a leading dot, ignored by readers). Every file is
+    fsynced before the rename and the parent after it, so a power cut cannot leave a complete-
+    looking directory with torn files.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,8 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         tmp.chmod(usual_mode(0o777))
         yield tmp
+        for path in [*tmp.rglob("*"), tmp]:
+            _fsync(path)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -85,6 +89,19 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        _fsync(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to the disk (directories: where the OS allows)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some filesystems refuse fsync on a directory: harmless
+            raise
+    finally:
+        os.close(fd)
