@@ -1,5 +1,5 @@
 """CLI error paths a new user hits: each is one line on stderr and exit code 2, found before any
-work is done; overrides may follow options; a refused resume names the changed key."""
+work is done; overrides may follow options."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from nestlearn import cli
 from nestlearn.config import available_configs
-from nestlearn.train.trainer import resume_conflicts
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
@@ -46,12 +45,6 @@ def test_a_bad_model_type_is_refused_before_data_preparation(capsys: pytest.Capt
     err = one_line_error(capsys, ["prepare", f"data.artifacts_dir={tmp_path}", "model.type=transfomer"])
     assert "unknown model.type 'transfomer'" in err and "did you mean 'transformer'" in err
     assert not any(tmp_path.iterdir())  # nothing prepared
-
-
-def test_a_refused_resume_names_the_changed_key() -> None:
-    saved = {"seed": 0, "model": {"d_model": 64, "cms": {"levels": 2}}, "train": {"batch_size": 8}}
-    current = {"seed": 0, "model": {"d_model": 32, "cms": {"levels": 3}}, "train": {"batch_size": 8}}
-    assert resume_conflicts(saved, current) == ["model.cms.levels", "model.d_model"]
 
 
 def test_piping_into_a_closed_reader_ends_quietly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,6 +61,41 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tiny_cfg: RunConfig, tiny_
     assert not math.isfinite(trainer.losses[1]) and math.isfinite(trainer.losses[-1])
 
 
+def poison_calls(trainer: Trainer, monkeypatch: pytest.MonkeyPatch, bad: Any) -> None:
+    """The model's n-th forward call returns NaN logits when ``bad(n)``."""
+    original, calls = trainer.model.forward, {"n": 0}
+
+    def maybe_bad(ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        calls["n"] += 1
+        logits, new_state = original(ids, state)
+        return (logits * float("nan") if bad(calls["n"]) else logits), new_state
+
+    monkeypatch.setattr(trainer.model, "forward", maybe_bad)
+
+
+def test_non_finite_losses_in_a_row_roll_back_at_a_lower_rate(tiny_cfg: RunConfig, tiny_prepared: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer(tiny_cfg, tiny_prepared, steps=8, ckpt_every=2, eval_every=8, log_every=1,
+                           max_bad_steps=2)
+    poison_calls(trainer, monkeypatch, lambda n: n in (5, 6))  # steps 5 and 6: back to step 4
+    final = trainer.fit()
+    assert final["step"] == 8 and math.isfinite(final["val_loss"]) and trainer.state.rollbacks == 1
+    assert trainer.scheduler is not None and trainer.scheduler.base_lrs[0] == pytest.approx(
+        0.5 * trainer.cfg.optimizer.lr)
+    assert len(trainer.losses) == 8 and all(math.isfinite(x) for x in trainer.losses)
+    steps = [r["step"] for r in read_jsonl(trainer.run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, 9))  # the discarded steps' records are gone from the curve
+
+
+def test_rollbacks_are_limited(tiny_cfg: RunConfig, tiny_prepared: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer(tiny_cfg, tiny_prepared, steps=8, ckpt_every=2, eval_every=8, max_bad_steps=2,
+                           max_rollbacks=2)
+    poison_calls(trainer, monkeypatch, lambda n: n > 2)  # every step after the step-2 checkpoint
+    with pytest.raises(TrainingDiverged, match="after 2 rollbacks"):
+        trainer.fit()
+    assert trainer.state.rollbacks == 2
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_grad_accumulation_averages_micro_batches(tiny_cfg: RunConfig, tiny_prepared: Any) -> None:
     """With accumulation the update uses the mean gradient of the micro-batches."""
@@ -110,10 +145,10 @@ def test_no_weight_decay_on_gains(tiny_cfg: RunConfig, tiny_prepared: Any) -> No
     assert no_decay["params"] and all(p.dim() == 1 for p in no_decay["params"])  # type: ignore[attr-defined]
 
 
-def test_resume_conflicts_name_the_changed_sections() -> None:
-    saved = {"seed": 0, "model": {"d_model": 64}, "train": {"batch_size": 8, "steps": 10}}
-    current = {"seed": 0, "model": {"d_model": 96}, "train": {"batch_size": 8, "steps": 99}}
-    assert resume_conflicts(saved, current) == ["model"]
+def test_resume_conflicts_name_the_changed_keys() -> None:
+    saved = {"seed": 0, "model": {"d_model": 64, "cms": {"levels": 2}}, "train": {"batch_size": 8, "steps": 10}}
+    current = {"seed": 0, "model": {"d_model": 96, "cms": {"levels": 3}}, "train": {"batch_size": 8, "steps": 99}}
+    assert resume_conflicts(saved, current) == ["model.cms.levels", "model.d_model"]  # steps may change
 
 
 @pytest.mark.parametrize("kind", ["delta_momentum", "dmgd", "m3", "nested"])

@@ -395,7 +395,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2  # newest checkpoints kept (0 keeps all)
     log_every: int = 10
-    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (step skipped) before failing
+    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (step skipped) before a rollback
+    max_rollbacks: int = 2  # then back to the last checkpoint at a lower lr, this often; then fail
+    rollback_lr_factor: float = 0.5  # the learning rate's factor at each rollback
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     flush_subnormals: bool = True  # FTZ/DAZ on CPU: the memories' decays make subnormals (utils.numerics)
@@ -408,6 +410,10 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{name}", getattr(self, name), "an integer >= 1")
         if self.grad_clip < 0:
             raise ConfigError(f"{where}.grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"{where}.max_rollbacks", self.max_rollbacks, "an integer >= 0 (0: fail at once)")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ConfigError(f"{where}.rollback_lr_factor", self.rollback_lr_factor, "a number in (0, 1]")
         if self.keep_checkpoints < 0:
             raise ConfigError(f"{where}.keep_checkpoints", self.keep_checkpoints, "an integer >= 0")
         if self.threads < 0:

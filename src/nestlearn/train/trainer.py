@@ -28,6 +28,7 @@ from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
 from nestlearn.train.checkpoint import (
+    latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -41,7 +42,7 @@ from nestlearn.utils.seeding import resolve_device
 
 
 class TrainingDiverged(RuntimeError):
-    """Raised after `train.max_bad_steps` consecutive non-finite losses."""
+    """Raised after `train.max_bad_steps` consecutive non-finite losses when no rollback is left."""
 
 
 # Settings that change what a checkpoint means; resuming across a change to one is refused.
@@ -78,6 +79,7 @@ class TrainState:
     train_time_s: float = 0.0
     best_val_loss: float | None = None
     last_val: dict[str, float] = field(default_factory=dict)
+    rollbacks: int = 0  # returns to a checkpoint after non-finite losses, each at a lower lr
 
 
 class Trainer:
@@ -103,6 +105,8 @@ class Trainer:
         self.inner_stats: dict[str, float] = {}  # memory/* means of the last observed step
         self.config_dict = to_dict(cfg)
         resumed = self._maybe_resume(resume)
+        self._first_step = self.state.step  # self.losses[i] is the loss of step _first_step + 1 + i
+        self._rolled_back = False
         self.sinks = make_sinks(cfg.logging, self.run_dir, cfg.name, self.config_dict,
                                 resume_step=self.state.step if resumed else 0)
 
@@ -126,6 +130,13 @@ class Trainer:
             raise ValueError(
                 f"cannot resume from {path}: its config differs in {', '.join(conflicts)}; "
                 "use another run name (name=...), or --resume none to start over (the old run is moved aside)")
+        self._restore(path)
+        self.log(f"resumed from {path} at step {self.state.step}")
+        return True
+
+    def _restore(self, path: Path) -> None:
+        """Model, optimizer, scheduler, loop counters, data position and pending level-clock
+        gradients as the checkpoint at ``path`` holds them."""
         saved = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                 scheduler=self.scheduler, map_location=self.device)
         known = {k: v for k, v in saved.get("train", {}).items() if k in TrainState.__annotations__}
@@ -133,12 +144,37 @@ class Trainer:
         self.loader.load_state_dict(saved["data"])
         pending = saved.get("extra", {}).get("pending_grads", {})
         for name, p in self.model.named_parameters():
-            if name in pending:
-                p.grad = pending[name].to(p.device)
+            p.grad = pending[name].to(p.device) if name in pending else None
         if self.meta_loader is not None and "meta_data" in saved:
             self.meta_loader.load_state_dict(saved["meta_data"])
-        self.log(f"resumed from {path} at step {self.state.step}")
-        return True
+
+    def _roll_back(self) -> None:
+        """After ``max_bad_steps`` non-finite losses in a row: back to the newest valid
+        checkpoint with the learning rate times ``rollback_lr_factor`` (kept from then on), or
+        ``TrainingDiverged`` when ``max_rollbacks`` are spent or there is no checkpoint."""
+        cfg = self.cfg.train
+        done = self.state.rollbacks
+        path = None if done >= cfg.max_rollbacks else latest_valid_checkpoint(self.ckpt_root, warn=self.log)
+        if path is None:
+            why = (f"after {done} rollbacks" if done >= cfg.max_rollbacks else "and no checkpoint to roll back to")
+            raise TrainingDiverged(
+                f"{self.state.bad_steps} consecutive non-finite losses at step {self.state.step + 1} {why}; "
+                "lower optimizer.lr or enable train.grad_clip")
+        failed_at = self.state.step + 1
+        self._restore(path)
+        self._rolled_back = True
+        del self.losses[max(0, self.state.step - self._first_step):]
+        self.state.rollbacks = done + 1
+        if self.scheduler is not None:  # the schedule's base rates carry the factor from now on
+            self.scheduler.base_lrs = [lr * cfg.rollback_lr_factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= cfg.rollback_lr_factor
+        self.sinks.close()  # the curve continues from the checkpoint: later records are dropped
+        self.sinks = make_sinks(self.cfg.logging, self.run_dir, self.cfg.name, self.config_dict,
+                                resume_step=self.state.step)
+        self.log(f"warning: {cfg.max_bad_steps} non-finite losses in a row at step {failed_at}: rolled back "
+                 f"to {path.name} with the learning rate x{cfg.rollback_lr_factor ** self.state.rollbacks:g} "
+                 f"(rollback {self.state.rollbacks} of {cfg.max_rollbacks})")
 
     def _set_aside_previous_run(self) -> None:
         """Move a previous run's checkpoints, metrics and config to ``superseded-<UTC time>/``."""
@@ -197,14 +233,14 @@ class Trainer:
         return loss_value, grad_norm
 
     def _skip_update(self) -> None:
-        """NaN guard: drop every gradient (a poisoned sum is useless); fail after max_bad_steps."""
+        """NaN guard: drop every gradient (a poisoned sum is useless); after max_bad_steps in a
+        row, roll back (``_roll_back``)."""
         for p in self.model.parameters():
             p.grad = None
         self.state.bad_steps += 1
         if self.state.bad_steps >= self.cfg.train.max_bad_steps:
-            raise TrainingDiverged(
-                f"{self.state.bad_steps} consecutive non-finite losses at step "
-                f"{self.state.step + 1}; lower optimizer.lr or enable train.grad_clip")
+            self._roll_back()
+            return
         self.log(f"warning: non-finite loss at step {self.state.step + 1}; update skipped")
         if self.scheduler is not None:
             with warnings.catch_warnings():  # the schedule advances even for a skipped update
@@ -291,6 +327,11 @@ class Trainer:
             while self.state.step < cfg.steps:
                 wall, cpu = time.perf_counter(), time.process_time()
                 loss, grad_norm = self._train_step()
+                if self._rolled_back:  # back at a checkpoint's step: its steps are trained again
+                    self._rolled_back = False
+                    window.clear()
+                    tick = time.perf_counter()
+                    continue
                 busy.step_done(time.perf_counter() - wall, time.process_time() - cpu)
                 self.state.step += 1
                 self.state.tokens += tokens_per_step
