@@ -31,6 +31,7 @@ from nestlearn.memory.mlp import (
 )
 from nestlearn.memory.self_ref_config import SelfRefTitansConfig
 from nestlearn.memory.state import MemoryWeights
+from nestlearn.utils.compiling import quiet_expected_fallbacks
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def compiled_chunk(c: SelfRefTitansConfig, device_type: str) -> Callable[..., Ch
     longer."""
     options: dict[str, str | int | bool | Callable[..., object]] | None = (
         {"cpp_wrapper": True} if device_type == "cpu" else None)
+    if options is not None:
+        quiet_expected_fallbacks()
     step = torch.compile(functools.partial(aligned_chunk, c, True), dynamic=False, options=options)
 
     def run(*args: object) -> ChunkOut:

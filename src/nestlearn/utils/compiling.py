@@ -3,6 +3,7 @@ naming the option."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,3 +29,20 @@ def first_line(exc: BaseException | None) -> str:
     error, instead of a compiler's page of log."""
     lines = str(exc).strip().splitlines() or [""]
     return f"{type(exc).__name__}: {lines[0][:200]}"
+
+
+class _ExpectedFallbacks(logging.Filter):
+    """Drops inductor's warning that an op without a C shim (``linalg_solve_triangular``) runs
+    through its proxy executor under ``cpp_wrapper``: expected for the chunk step's triangular
+    solves on CPU, printed per compiled graph, and nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is missing a c-shim implementation" not in record.getMessage()
+
+
+def quiet_expected_fallbacks() -> None:
+    """Install ``_ExpectedFallbacks`` on inductor's IR logger (once)."""
+    logger = logging.getLogger("torch._inductor.ir")
+    if not any(isinstance(f, _ExpectedFallbacks) for f in logger.filters):
+        logger.addFilter(_ExpectedFallbacks())
+
