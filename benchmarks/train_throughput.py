@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nestlearn.config import ConfigError, RunConfig, load_config
 from nestlearn.models import LanguageModel, build
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
+from nestlearn.utils.device import resolve_device
 from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
@@ -72,12 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:

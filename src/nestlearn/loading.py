@@ -23,8 +23,8 @@ from nestlearn.train.checkpoint import (
     load_weights,
     verify_checkpoint,
 )
+from nestlearn.utils.device import resolve_device
 from nestlearn.utils.io import read_json, sha256_file
-from nestlearn.utils.seeding import resolve_device
 
 CHECKPOINTS = "checkpoints"
 

@@ -22,10 +22,11 @@ from nestlearn.eval.report import SAMPLES_FILE, write_report
 from nestlearn.generate import SamplingConfig, generate
 from nestlearn.loading import load
 from nestlearn.train.trainer import Trainer, TrainingDiverged
+from nestlearn.utils.device import resolve_device
 from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_bytes, atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
-from nestlearn.utils.seeding import resolve_device, seed_everything
+from nestlearn.utils.seeding import seed_everything
 
 Log = Callable[[str], None]
 

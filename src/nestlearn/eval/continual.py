@@ -44,8 +44,9 @@ from nestlearn.eval.perplexity import evaluate_lm
 from nestlearn.eval.report import png_figure, pyplot
 from nestlearn.pipeline import with_vocab
 from nestlearn.train.trainer import Trainer
+from nestlearn.utils.device import resolve_device
 from nestlearn.utils.io import atomic_write_bytes, atomic_write_json
-from nestlearn.utils.seeding import resolve_device, seed_everything
+from nestlearn.utils.seeding import seed_everything
 
 CONTINUAL_FILE = Path("eval") / "continual.json"
 

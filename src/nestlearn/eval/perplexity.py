@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def autocast_context(device: torch.device, precision: str) -> AbstractContextManager[object]:
-    """bf16 autocast when asked for; a no-op context otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+from nestlearn.utils.device import autocast_context
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

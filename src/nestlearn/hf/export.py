@@ -12,8 +12,8 @@ from nestlearn.hf.config import NestlearnConfig
 from nestlearn.hf.modeling import NestlearnForCausalLM
 from nestlearn.hf.tokenizer import NestlearnTokenizer
 from nestlearn.loading import LoadedModel, load
+from nestlearn.utils.device import resolve_device
 from nestlearn.utils.io import atomic_directory, usual_mode
-from nestlearn.utils.seeding import resolve_device
 
 
 def export_run(path: str | Path, out_dir: str | Path) -> Path:

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
-from nestlearn.eval.perplexity import autocast_context, evaluate_lm, lm_loss
+from nestlearn.eval.perplexity import evaluate_lm, lm_loss
 from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
@@ -37,8 +37,8 @@ from nestlearn.train.checkpoint import (
 from nestlearn.train.cpu_share import CpuShareCheck
 from nestlearn.train.metrics import METRICS_FILE, make_sinks
 from nestlearn.train.progress import Progress
+from nestlearn.utils.device import autocast_context, resolve_device
 from nestlearn.utils.io import read_json
-from nestlearn.utils.seeding import resolve_device
 
 
 class TrainingDiverged(RuntimeError):
