@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from nestlearn.config import ModelConfig
 from nestlearn.config.errors import ConfigError
 from nestlearn.config.schema import CMSConfig
+from nestlearn.loading import stack_levels_from_transformer
 from nestlearn.models import TransformerPP, build
 from nestlearn.models.cms import ContinuumMemory, LevelWeights
 from nestlearn.models.hope import HopeLM
-from nestlearn.models.stacking import freeze_backbone, stack_levels_from_transformer
+from nestlearn.models.stacking import freeze_backbone
 from nestlearn.optim.level_clock import (
     ChunkedUpdateScheduler,
     apply_level_updates,

@@ -9,16 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from nestlearn import models
 from nestlearn.config.loader import from_dict
-from nestlearn.config.schema import RunConfig
+from nestlearn.config.schema import ModelConfig, RunConfig
 from nestlearn.data.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from nestlearn.data.tokenizer import Tokenizer, load_tokenizer
 from nestlearn.models.base import LanguageModel
+from nestlearn.models.hope import HopeLM
+from nestlearn.models.stacking import TRANSFORMER_TYPES, stack_levels
 from nestlearn.train.checkpoint import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    MODEL_FILE,
+    CheckpointError,
     latest_valid_checkpoint,
     load_weights,
     verify_checkpoint,
@@ -106,3 +111,28 @@ def load_run_or_export(path: str | Path, device: str = "cpu") -> LoadedModel:
 
         return load_exported(path, device)
     return load(path, device=device)
+
+
+def stack_levels_from_transformer(transformer_checkpoint_dir: Path | str, cfg: ModelConfig) -> HopeLM:
+    """The ``hope_attention`` model of `cfg` initialised from a Transformer++ checkpoint
+    (``models.stacking.stack_levels``): `transformer_checkpoint_dir` is a verified `step_*`
+    directory, or a checkpoint root whose newest valid checkpoint is used."""
+    path = Path(transformer_checkpoint_dir)
+    if (path / MODEL_FILE).exists():
+        verify_checkpoint(path)
+    else:
+        latest = latest_valid_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(path, "neither a checkpoint nor a directory of valid checkpoints")
+        path = latest
+    saved_type = read_json(path / CONFIG_FILE).get("model", {}).get("type")
+    if saved_type is not None and saved_type not in TRANSFORMER_TYPES:
+        raise CheckpointError(path, f"holds a '{saved_type}' model, not a Transformer++")
+    source = load_file(str(path / MODEL_FILE))
+    if cfg.type != "hope_attention":
+        return stack_levels(source, cfg)  # its one-line refusal
+    try:
+        return stack_levels(source, cfg)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
+

@@ -13,36 +13,15 @@ also start at the Transformer's function, in the chain forms they apply the MLP 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from nestlearn.config.schema import ModelConfig
 from nestlearn.models.hope import HopeLM
 from nestlearn.models.registry import build
-from nestlearn.train.checkpoint import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    CheckpointError,
-    latest_valid_checkpoint,
-    verify_checkpoint,
-)
-from nestlearn.utils.io import read_json
 
 TRANSFORMER_TYPES = ("transformer", "transformer++")
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    """A verified `step_*` directory: `path` itself, or the newest valid one under a run dir."""
-    if (path / MODEL_FILE).exists():
-        verify_checkpoint(path)
-        return path
-    latest = latest_valid_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(path, "neither a checkpoint nor a directory of valid checkpoints")
-    return latest
 
 
 def _source_name(name: str) -> str | None:
@@ -62,24 +41,16 @@ def _source_name(name: str) -> str | None:
     return ".".join(["blocks", parts[1], *rest])
 
 
-def stack_levels_from_transformer(transformer_checkpoint_dir: Path | str,
-                                  cfg: ModelConfig) -> HopeLM:
-    """Build the ``hope_attention`` model of `cfg` initialised from a Transformer++ checkpoint.
-
-    `transformer_checkpoint_dir` is a verified `step_*` directory (or a run's checkpoint root,
-    whose newest valid checkpoint is used). Strict: every tensor of the model except the
-    aggregation weights must have a source of the same shape, and every checkpoint tensor must
-    be used (a tied head may be stored under either of its names).
-    """
+def stack_levels(source: dict[str, torch.Tensor], cfg: ModelConfig) -> HopeLM:
+    """Build the ``hope_attention`` model of `cfg` from a Transformer++'s tensors ``source``
+    (``nestlearn.loading.stack_levels_from_transformer`` reads them from a checkpoint). Strict:
+    every tensor of the model except the aggregation weights must have a source of the same
+    shape, and every source tensor must be used (a tied head may come under either name);
+    a ``ValueError`` lists what does not fit."""
     if cfg.type != "hope_attention":
         raise ValueError(f"level stacking builds a hope_attention model, not '{cfg.type}'")
-    path = _checkpoint_dir(Path(transformer_checkpoint_dir))
-    saved_type = read_json(path / CONFIG_FILE).get("model", {}).get("type")
-    if saved_type is not None and saved_type not in TRANSFORMER_TYPES:
-        raise CheckpointError(path, f"holds a '{saved_type}' model, not a Transformer++")
-    source = load_file(str(path / MODEL_FILE))
     if cfg.tie_embeddings and "lm_head.weight" in source:  # save_model keeps one tied name
-        source.setdefault("embed.weight", source["lm_head.weight"])
+        source = {**source, "embed.weight": source.get("embed.weight", source["lm_head.weight"])}
     model = build(cfg)
     assert isinstance(model, HopeLM)
     state = model.state_dict()
@@ -104,7 +75,7 @@ def stack_levels_from_transformer(transformer_checkpoint_dir: Path | str,
     unused = sorted(set(source) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     problems += [f"unexpected {name}" for name in unused]
     if problems:
-        raise CheckpointError(path, "does not fit the stacked model: " + "; ".join(problems[:8]))
+        raise ValueError("does not fit the stacked model: " + "; ".join(problems[:8]))
     model.load_state_dict(loaded, strict=True)
     return model
 
