@@ -39,15 +39,19 @@ class GroupState:
 
 def dgd_chunk_update(state: GroupState, grads: RankOneGrads, eta: Tensor, log_alpha: Tensor,
                      log_beta: Tensor | None, dgd: bool, kernel: bool = False,
-                     bounded: bool = False, spec: MemoryMLPSpec | None = None) -> GroupState:
+                     bounded: bool = False, spec: MemoryMLPSpec | None = None,
+                     curvature: bool = False) -> GroupState:
     """State after one chunk of n tokens of Eq. 90 (module docstring), all gradients ``grads``
     taken at the chunk start. ``eta``, ``log_alpha``, ``log_beta`` ``(..., n)`` broadcast
     against the weights' leading dims; ``log_beta`` is ignored without momentum. ``kernel``:
     solve the DGD systems of CPU tensors with ``cpu_kernels`` (``_solve``); ``bounded``: scale
-    each layer's steps by its ``chunk_step_scale``; ``spec``, when given, normalises each layer's
-    steps by its curvature (``curvature_gains``), else by its input energy alone."""
+    each layer's steps by its ``chunk_step_scale``; ``curvature``: normalise each layer's steps by
+    its curvature (``curvature_gains``, which needs the memory's ``spec``), else by its input
+    energy alone."""
+    if curvature and spec is None:
+        raise ValueError("the curvature step needs the memory's spec")
     momentum = None if log_beta is None or state.momentum is None else MomentumDecay.build(log_beta)
-    return update_chunk(state, grads, None, eta, log_alpha, momentum, dgd, kernel, bounded, spec)
+    return update_chunk(state, grads, None, eta, log_alpha, momentum, dgd, kernel, bounded, spec, curvature)
 
 
 def layer_step(eta: Tensor, z: Tensor, gain: Tensor | None = None) -> Tensor:
@@ -111,7 +115,7 @@ def chunk_step_scale(step: Tensor, z: Tensor, gain: Tensor | None = None) -> Ten
 
 def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ...] | None,
                  eta: Tensor, log_alpha: Tensor, momentum: MomentumDecay | None, dgd: bool,
-                 kernel: bool, bounded: bool, spec: MemoryMLPSpec | None) -> GroupState:
+                 kernel: bool, bounded: bool, spec: MemoryMLPSpec | None, curvature: bool) -> GroupState:
     """``dgd_chunk_update`` with the β factors built; ``reads``, when given, are the chunk-start
     reads W^(l)_0 z^(l) ``(..., n, out_l)`` (the pre-activations the gradient already computed)."""
     if state.momentum is not None and momentum is None:
@@ -120,7 +124,7 @@ def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ..
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     ws: list[Tensor] = []
     ss: list[Tensor] = []
-    gains = _gains(state, grads, reads, spec)
+    gains = _gains(state, grads, reads, spec, curvature)
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
         step = layer_step(eta, z, gains[layer])
@@ -133,10 +137,11 @@ def update_chunk(state: GroupState, grads: RankOneGrads, reads: tuple[Tensor, ..
 
 
 def _gains(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] | None,
-           spec: MemoryMLPSpec | None) -> tuple[Tensor | None, ...]:
-    """Each layer's ``curvature_gains`` at the chunk start, all ``None`` without ``spec``."""
-    if spec is None:
+           spec: MemoryMLPSpec | None, curvature: bool) -> tuple[Tensor | None, ...]:
+    """Each layer's ``curvature_gains`` at the chunk start, all ``None`` without ``curvature``."""
+    if not curvature:
         return (None,) * len(state.weights.layers)
+    assert spec is not None
     return curvature_gains(state.weights.layers, grads, pre, spec)
 
 
@@ -166,7 +171,7 @@ def read_chunk(state: GroupState, grads: RankOneGrads, pre: tuple[Tensor, ...] |
     s0s = (None,) * len(state.weights.layers) if state.momentum is None else state.momentum.layers
     option = kernel_option(kernel)
     a = queries
-    gains = _gains(state, grads, pre, spec if curvature else None)
+    gains = _gains(state, grads, pre, spec, curvature)
     for layer, (w0, s0, delta, z) in enumerate(zip(state.weights.layers, s0s, grads.deltas, grads.inputs,
                                                    strict=True)):
         co = decays.coefficients(layer_step(eta, z, gains[layer]), dgd)

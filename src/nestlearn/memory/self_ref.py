@@ -349,7 +349,7 @@ class SelfRefTitans(nn.Module):
             grads = l2_loss_grads(group.weights.layers, tw.k.unsqueeze(-3), v_hat, spec)
             log_beta = None if log_momentum is None else log_momentum[0].unsqueeze(-1).expand(-1, -1, end - start)
             return out, dgd_chunk_update(group, grads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
-                                         log_beta, c.dgd, c.compile, c.step_bound, c.step_spec())
+                                         log_beta, c.dgd, c.compile, c.step_bound, c.spec(), c.curvature_step)
 
         outs, other = chunk_scan(state.other, x_stream.shape[-2], p_other, c.other_chunk_size, other_step)
         d = c.head_dim
@@ -385,7 +385,7 @@ class SelfRefTitans(nn.Module):
             with torch.no_grad():  # a metric: no graph
                 surprise.append(grads.sq_norm())
             return o, update_chunk(group, grads, None, w.theta, w.log_keep, decay, c.dgd, c.compile,
-                                   c.step_bound, c.step_spec())
+                                   c.step_bound, spec, c.curvature_step)
 
         outs, memory = chunk_scan(state.memory, stream.length, p_mem, c.memory_chunk_size, memory_step)
         o = torch.cat(outs, dim=-2) if outs else q

@@ -117,7 +117,7 @@ def aligned_chunk(c: SelfRefTitansConfig, complete: bool, weights: tuple[Tensor,
     new = update_chunk(GroupState(MemoryWeights(weights), None if momentum is None else MemoryWeights(momentum)),
                             grads, reads, tw.eta.unsqueeze(-2), tw.log_alpha.unsqueeze(-2),
                             None if decay is None else MomentumDecay(*decay), c.dgd, c.compile, c.step_bound,
-                       c.step_spec())
+                       c.spec(), c.curvature_step)
     return o, rates, sq, new.weights.layers, None if new.momentum is None else new.momentum.layers
 
 

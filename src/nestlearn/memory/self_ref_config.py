@@ -121,11 +121,6 @@ class SelfRefTitansConfig:
     def spec(self) -> MemoryMLPSpec:
         return MemoryMLPSpec(self.head_dim, self.depth, self.expansion, self.activation, residual=True)
 
-    def step_spec(self) -> MemoryMLPSpec | None:
-        """What the chunk update normalises its steps by: the memory's spec (its curvature,
-        ``curvature_step``) or ``None`` (the input energy alone)."""
-        return self.spec() if self.curvature_step else None
-
     @property
     def generated(self) -> tuple[str, ...]:
         """The in-context memories of the "other" group, in stacking order."""
