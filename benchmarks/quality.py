@@ -8,7 +8,8 @@ data, tokenizer, batches (16 x 256 tokens a step), warmup and cosine schedule. P
   sweep      each model at four learning rates, seed 0, `--sweep-tokens` (default 1M)
   final      each model at its best swept rate, seeds 0-2, `--final-tokens` (default 3M)
   ablations  HOPE at its best rate, seed 0, `--ablation-tokens` (default 1M, the sweep's budget:
-             thirteen 3M runs would take a day here), beside HOPE with every mechanism on at
+             fourteen 3M runs would take ~10 hours here; 3010560 is issue 19's budget, with
+             its own run names), beside HOPE with every mechanism on at
              seeds 0 and 1 (the seed-1 run sizes the noise): the paper's rows (without DGD,
              momentum, weight decay or CMS; k or v a static projection, i.e. at the lowest
              frequency), no self-modification (k, v, q static), and issue 19's fixes undone
@@ -74,6 +75,7 @@ ABLATIONS: dict[str, list[str]] = {
     "mix_input": ["model.self_ref.mix_input=true"],  # fix 3: generators see the whole token
 }
 BATCH, SEQ_LEN = 16, 256
+ABLATION_TOKENS = 1_003_520  # 245 steps, the sweep's budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +135,10 @@ def ablation_runs(args: argparse.Namespace, warn: bool = False) -> list[Run]:
         if warn:
             print("hope: the sweep is not finished; run --phase sweep first", file=sys.stderr)
         return []
-    base = [Run(f"ablation_all_on_s{s}", "hope", lr, s, args.ablation_tokens) for s in (0, 1)]
-    rows = [Run(f"ablation_{name}", "hope", lr, 0, args.ablation_tokens, tuple(o)) for name, o in ABLATIONS.items()]
+    budget = "" if args.ablation_tokens == ABLATION_TOKENS else f"_{args.ablation_tokens}"  # its own runs
+    base = [Run(f"ablation_all_on_s{s}{budget}", "hope", lr, s, args.ablation_tokens) for s in (0, 1)]
+    rows = [Run(f"ablation_{name}{budget}", "hope", lr, 0, args.ablation_tokens, tuple(o))
+            for name, o in ABLATIONS.items()]
     # the seed-1 baseline after the paper's rows and "Dissecting HOPE"'s: it sizes their noise
     return [base[0], *rows[:7], base[1], *rows[7:]]
 
@@ -205,10 +209,12 @@ def tables(models: list[str], args: argparse.Namespace) -> dict[str, list[dict[s
     ablations = []
     runs = ablation_runs(args) if "hope" in models else []
     base, rest = [r for r in runs if not r.overrides], [r for r in runs if r.overrides]
+    base = [r for r in base if final_loss(r, args) is not None]  # the seeds finished so far
     if base and (r := row("hope (all on)", base, args)) is not None:
         ablations.append(r)
     for run in rest:
-        if (r := row(run.name.removeprefix("ablation_"), [run], args)) is not None:
+        if (r := row(run.name.removeprefix("ablation_").removesuffix(f"_{args.ablation_tokens}"), [run],
+                     args)) is not None:
             ablations.append(r)
     return {"sweep": sweep, "final": final, "ablations": ablations}
 
@@ -273,7 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"some of {', '.join(MODELS)}")
     p.add_argument("--sweep-tokens", type=int, default=1_003_520, help="tokens per sweep run (245 steps)")
     p.add_argument("--final-tokens", type=int, default=3_010_560, help="tokens per final run (735 steps)")
-    p.add_argument("--ablation-tokens", type=int, default=1_003_520,
+    p.add_argument("--ablation-tokens", type=int, default=ABLATION_TOKENS,
                    help="tokens per ablation run (245 steps)")
     p.add_argument("--lr", action="append", default=[], metavar="MODEL=RATE",
                    help="use this rate for MODEL instead of the sweep's best")
