@@ -37,7 +37,7 @@ def test_configs_lists_only_what_config_name_accepts(capsys: pytest.CaptureFixtu
 
 
 def test_report_of_a_missing_run_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert "is not a run directory" in one_line_error(capsys, ["report", str(tmp_path / "nope")])
+    assert "is neither a run directory" in one_line_error(capsys, ["report", str(tmp_path / "nope")])
 
 
 def test_a_bad_model_type_is_refused_before_data_preparation(capsys: pytest.CaptureFixture[str],

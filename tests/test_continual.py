@@ -102,5 +102,8 @@ def test_the_cli_runs_a_segments_file(tiny_cfg: RunConfig, tmp_path: Path, capsy
     stored = json.loads((tmp_path / "runs" / "cl_cli" / "eval" / "continual.json").read_text())
     assert stored["reset_optimizer"] is True and [s["name"] for s in stored["segments"]] == ["json", "concurrent"]
     assert adam_steps(tmp_path / "runs" / "cl_cli" / "continual" / "01_concurrent", 3) == 3  # reset
+    assert cli.main(["report", str(tmp_path / "runs" / "cl_cli")]) == 0
+    page = (tmp_path / "runs" / "cl_cli" / "report.html").read_text()
+    assert "<h2>continual</h2>" in page and "forgetting" in page and "untrained" in page
     assert cli.main([*args[:-3], "--segments", str(tmp_path / "missing.yaml")]) != 0
     assert "missing.yaml" in capsys.readouterr().err

@@ -89,6 +89,9 @@ def test_the_cli_trains_both_and_refuses_bad_settings(tmp_path: Path, capsys: py
     assert stored["results"][1]["seq_len"] == 2 * 32 - 2  # causal compression of the published 32
     assert cli.main(["eval", "formal", *common, "--languages", "parity"]) == 0
     assert "parity" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path)]) == 0  # both studies in one page, with their plots
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>mad</h2>" in page and "<h2>formal</h2>" in page and "memorization" in page and "parity" in page
     assert cli.main(["eval", "formal", *common, "--languages", "dyck"]) != 0
     assert "unknown language(s) dyck" in capsys.readouterr().err
     assert cli.main(["eval", "mad", *common[:2], "--width", "12", *common[4:]]) != 0

@@ -352,12 +352,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"exported: {export_run(args.run_dir, args.hf)}")
         return 0
     if args.command == "report":
-        from nestlearn.eval.report import write_report
+        from nestlearn.eval.report import study_files, write_report, write_study_report
 
-        if not (args.run_dir / "config.json").is_file():
-            raise ValueError(f"{args.run_dir} is not a run directory (no config.json in it); "
-                             "give the directory `nestlearn run` or `train` wrote, e.g. runs/<name>")
-        print(write_report(args.run_dir))
+        if (args.run_dir / "config.json").is_file():
+            print(write_report(args.run_dir))
+        elif study_files(args.run_dir):
+            print(write_study_report(args.run_dir))
+        else:
+            raise ValueError(f"{args.run_dir} is neither a run directory (no config.json in it) nor one of "
+                             "evaluation results (eval/<mqar|mad|formal|continual>.json); give the directory "
+                             "`nestlearn run`, `train` or `eval` wrote, e.g. runs/<name>")
         return 0
     cfg = config.load_config(args.config_name, args.overrides, args.config_path)
     from nestlearn.models.registry import check_type

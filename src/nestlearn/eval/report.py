@@ -179,6 +179,58 @@ def _niah_section(run_dir: Path) -> str:
             f"<table><tr><th>task</th>{head}</tr>{rows}</table>{figure}")
 
 
+STUDIES = ("mqar", "mad", "formal", "continual")  # eval/<study>.json, with <study>.png
+
+
+def study_files(directory: Path) -> list[Path]:
+    """The results of `nestlearn eval mqar|mad|formal|continual` written under ``directory``."""
+    return [p for p in (directory / "eval" / f"{s}.json" for s in STUDIES) if p.is_file()]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return html.escape(", ".join(_cell(v) for v in value))
+    return html.escape(_fmt(value))
+
+
+def _study_sections(directory: Path) -> str:
+    """One section per study result file: its results as a table (continual: the loss matrix
+    and its metrics) and its plot."""
+    parts = []
+    for path in study_files(directory):
+        blob = read_json(path)
+        if blob["task"] == "continual":
+            names = [s["name"] for s in blob["segments"]]
+            rows = [{"after": "untrained", **dict(zip(names, blob["untrained"], strict=True))},
+                    *({"after": n, **dict(zip(names, row, strict=True))}
+                      for n, row in zip(names, blob["matrix"], strict=True))]
+            note = _table(blob["metrics"])
+        else:
+            rows, note = blob["results"], ""
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in rows)
+        plot = path.with_suffix(".png")
+        figure = (f'<img alt="{blob["task"]}" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+                  if plot.exists() else "")
+        parts.append(f"<h2>{html.escape(blob['task'])}</h2><table><tr>{head}</tr>{body}</table>{note}{figure}")
+    return "".join(parts)
+
+
+def write_study_report(directory: Path) -> Path:
+    """``report.html`` of a directory that holds only evaluation studies (e.g. ``runs/mad``)."""
+    directory = Path(directory)
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>nestlearn evaluations: {html.escape(directory.name)}</title><style>{STYLE}</style></head><body>
+<h1>Evaluations in <code>{html.escape(str(directory))}</code></h1>
+{_study_sections(directory)}
+</body></html>
+"""
+    report = directory / "report.html"
+    atomic_write_text(report, page)
+    return report
+
+
 def _source_rows(stats: dict[str, Any]) -> str:
     head = ("<tr><th>source</th><th>split</th><th>documents kept</th><th>characters</th>"
             "<th>tokens</th><th>dropped</th></tr>")
@@ -237,6 +289,7 @@ def write_report(run_dir: Path, compare: list[Path] | None = None) -> Path:
 {_samples_section(run_dir)}
 {_zeroshot_section(run_dir)}
 {_niah_section(run_dir)}
+{_study_sections(run_dir)}
 <h2>Data</h2>{_source_rows(stats)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 </body></html>
