@@ -62,11 +62,11 @@ ABLATIONS: dict[str, list[str]] = {
     "no_momentum": ["model.self_ref.momentum=false"],
     "no_weight_decay": ["model.self_ref.weight_decay=false"],
     "no_cms": ["model.cms.chunk_sizes=[1,1]"],  # both levels every step: no multi-frequency
-    "k_lowest_frequency": ["model.self_ref.static_projections=[q,k]"],
-    "v_lowest_frequency": ["model.self_ref.static_projections=[q,v]"],
     # no self-modification: k, v, q all static (the outside study "Dissecting HOPE" finds it
     # the one mechanism that helps at small scale)
     "kv_lowest_frequency": ["model.self_ref.static_projections=[q,k,v]"],
+    "k_lowest_frequency": ["model.self_ref.static_projections=[q,k]"],
+    "v_lowest_frequency": ["model.self_ref.static_projections=[q,v]"],
     # the memory layers' steps by their input energy alone (before the curvature step)
     "input_energy_step": ["model.self_ref.curvature_step=false"],
     "level_lr_mean": ["optimizer.level_lr=mean"],  # the level clocks before fix 1
