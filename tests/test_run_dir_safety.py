@@ -50,7 +50,7 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(tiny_cfg: RunConfig
     run_dir, _ = pipeline.train(cfg, tiny_prepared, resume=None, log=quiet)
     before = {name: (run_dir / name).read_bytes() for name in ("config.json", "metrics.jsonl", "metrics.json")}
     changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32))
-    with pytest.raises(ValueError, match=r"differs in model; .* --resume none to start over"):
+    with pytest.raises(ValueError, match=r"differs in model\.d_model; .* --resume none to start over"):
         pipeline.train(changed, tiny_prepared, resume="auto", log=quiet)
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
