@@ -140,7 +140,13 @@ def ablation_runs(args: argparse.Namespace, warn: bool = False) -> list[Run]:
     rows = [Run(f"ablation_{name}{budget}", "hope", lr, 0, args.ablation_tokens, tuple(o))
             for name, o in ABLATIONS.items()]
     # the seed-1 baseline after the paper's rows and "Dissecting HOPE"'s: it sizes their noise
-    return [base[0], *rows[:7], base[1], *rows[7:]]
+    runs = [base[0], *rows[:7], base[1], *rows[7:]]
+    return [r for r in runs if not args.rows or ablation_row(r) in args.rows]
+
+
+def ablation_row(run: Run) -> str:
+    """The row an ablation run belongs to: its name without the prefix and budget suffix."""
+    return run.name.removeprefix("ablation_").removesuffix(f"_{run.tokens}")
 
 
 def metrics(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -213,8 +219,7 @@ def tables(models: list[str], args: argparse.Namespace) -> dict[str, list[dict[s
     if base and (r := row("hope (all on)", base, args)) is not None:
         ablations.append(r)
     for run in rest:
-        if (r := row(run.name.removeprefix("ablation_").removesuffix(f"_{args.ablation_tokens}"), [run],
-                     args)) is not None:
+        if (r := row(ablation_row(run), [run], args)) is not None:
             ablations.append(r)
     return {"sweep": sweep, "final": final, "ablations": ablations}
 
@@ -281,6 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--final-tokens", type=int, default=3_010_560, help="tokens per final run (735 steps)")
     p.add_argument("--ablation-tokens", type=int, default=ABLATION_TOKENS,
                    help="tokens per ablation run (245 steps)")
+    p.add_argument("--rows", default="",
+                   help="only these ablation rows (comma-separated, e.g. all_on_s1,mix_input)")
     p.add_argument("--lr", action="append", default=[], metavar="MODEL=RATE",
                    help="use this rate for MODEL instead of the sweep's best")
     p.add_argument("--max-chars", default="null",
@@ -304,6 +311,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--lr {item!r}: expected MODEL=RATE with a number, e.g. hope=3e-3")
     args.lr = rates
+    rows = ["all_on_s0", "all_on_s1", *ABLATIONS]
+    args.rows = [r for r in args.rows.split(",") if r]
+    if unknown := sorted(set(args.rows) - set(rows)):
+        p.error(f"--rows: unknown rows {unknown}; expected some of {', '.join(rows)}")
     return args
 
 
