@@ -286,6 +286,11 @@ def _compare(value: str | None, config_name: str) -> str:
     return "" if value.lower() == "none" else value
 
 
+def _main_process() -> bool:
+    """False on the ranks other than 0 of a `torchrun` job, which print nothing."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _resume(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
@@ -380,13 +385,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"nestlearn: error: run {cfg.name} failed: {reason}; run directory {run_dir}",
                   file=sys.stderr)
             return 1
-        print(f"trained: val_loss {final['val_loss']:.4f}; run directory {run_dir}")
+        if _main_process():
+            print(f"trained: val_loss {final['val_loss']:.4f}; run directory {run_dir}")
         return 0
     entries = [e.strip() for e in _compare(args.compare, args.config_name).split(",") if e.strip()]
     compare = pipeline.comparison_configs(cfg, args.config_name, entries, args.overrides,
                                           args.config_path)
     report, failures = pipeline.run(cfg, _resume(args.resume), compare=compare)
-    print(f"report: {report}")
+    if _main_process():
+        print(f"report: {report}")
     if failures:
         print(f"nestlearn: error: {len(failures)} run(s) failed: {'; '.join(failures)}",
               file=sys.stderr)

@@ -21,8 +21,8 @@ from nestlearn.data.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from nestlearn.eval.report import SAMPLES_FILE, write_report
 from nestlearn.generate import SamplingConfig, generate
 from nestlearn.loading import load
+from nestlearn.train import distributed
 from nestlearn.train.trainer import Trainer, TrainingDiverged
-from nestlearn.utils.device import resolve_device
 from nestlearn.utils.host_memory import retain_freed_memory
 from nestlearn.utils.io import atomic_write_bytes, atomic_write_json
 from nestlearn.utils.numerics import flush_subnormals
@@ -36,9 +36,13 @@ def run_dir_of(cfg: RunConfig) -> Path:
 
 
 def prepare(cfg: RunConfig, log: Log = print) -> PreparedData:
-    """Prepare (or reuse) the tokenizer and shards of `cfg.data`."""
-    progress = cfg.logging.progress != "none"
-    return prepare_data(cfg.data, progress=progress, log=log)
+    """Prepare (or reuse) the tokenizer and shards of `cfg.data`; under `torchrun`, rank 0 first,
+    then the others reuse what it wrote."""
+    par = distributed.setup(cfg)
+    progress = cfg.logging.progress != "none" and par.is_main
+    with par.main_first():
+        return prepare_data(cfg.data, progress=progress, log=log if par.is_main else distributed.quiet)
+
 
 
 def with_vocab(cfg: RunConfig, data: PreparedData) -> RunConfig:
@@ -72,16 +76,20 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    resolve_device(cfg.train.device)  # an unusable device fails before the run directory exists
+    par = distributed.setup(cfg)  # an unusable device fails before the run directory exists
+    if not par.is_main:
+        log = distributed.quiet
     model = models.build(cfg.model)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     # Before anything is written: a refused resume leaves the run directory as it was.
-    trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log)
-    atomic_write_json(run_dir / "config.json", to_dict(cfg))
-    atomic_write_json(run_dir / "data_stats.json", data.stats)
-    # the run directory carries its tokenizer, so that `nestlearn.load` needs nothing else
-    atomic_write_bytes(run_dir / TOKENIZER_FILE, data.tokenizer_path.read_bytes())
+    trainer = Trainer(cfg, model, data, run_dir, resume=resume, log=log, parallel=par)
+    if par.is_main:
+        atomic_write_json(run_dir / "config.json", to_dict(cfg))
+        atomic_write_json(run_dir / "data_stats.json", data.stats)
+        # the run directory carries its tokenizer, so that `nestlearn.load` needs nothing else
+        atomic_write_bytes(run_dir / TOKENIZER_FILE, data.tokenizer_path.read_bytes())
     log(f"model {cfg.model.type}: {model.num_params():,} parameters "
         f"({model.num_params(exclude_embeddings=True):,} without embeddings)")
     try:
@@ -93,7 +101,8 @@ def train(cfg: RunConfig, data: PreparedData, resume: str | None = "auto",
             final["failed"] = f"the final validation loss is {final['val_loss']}"
     final["params"] = model.num_params()
     final["unigram_entropy_nats"] = data.stats.get("unigram_entropy_nats")
-    atomic_write_json(run_dir / "metrics.json", final)
+    if par.is_main:
+        atomic_write_json(run_dir / "metrics.json", final)
     return run_dir, final
 
 
@@ -152,11 +161,12 @@ def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print,
     shown side by side in the main run's report.
     """
     data = prepare(cfg, log)
+    main = distributed.setup(cfg).is_main  # under torchrun, rank 0 alone writes samples and reports
     run_dir, final = train(cfg, data, resume, log)
     failures = []
     if (reason := failure(final)) is not None:
         failures.append(f"{cfg.name} ({reason})")
-    else:
+    elif main:
         log(f"validation: loss {final['val_loss']:.4f} nats/token, ppl {final['val_ppl']:.2f}, "
             f"{final['val_bpb']:.4f} bits/byte (unigram entropy "
             f"{final['unigram_entropy_nats']:.4f} nats/token)")
@@ -170,6 +180,7 @@ def run(cfg: RunConfig, resume: str | None = "auto", log: Log = print,
             log(f"{other.name}: FAILED: {reason}")
         else:
             log(f"{other.name}: val loss {other_final['val_loss']:.4f}")
-        write_report(other_dir)
+        if main:
+            write_report(other_dir)
         others.append(other_dir)
-    return write_report(run_dir, others), failures
+    return (write_report(run_dir, others) if main else run_dir / "report.html"), failures

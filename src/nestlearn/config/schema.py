@@ -423,6 +423,17 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism over the processes `torchrun` starts (`nestlearn.train.distributed`)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"  # fsdp: FSDP2 fully_shard per block, then the root
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+    def check(self, where: str) -> None:
+        return None
+
+
+@dataclass
 class LoggingConfig:
     """Metric sinks: JSONL is always written; the others are opt-in."""
 
@@ -446,6 +457,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self, where: str = "") -> None:
@@ -455,6 +467,7 @@ class RunConfig:
         self.model.check("model")
         self.optimizer.check("optimizer")
         self.train.check("train")
+        self.parallel.check("parallel")
         self.logging.check("logging")
         cms = self.model.cms
         if cms.in_context and self.model.type.startswith("hope") and max(cms.chunk_sizes) > self.train.seq_len:

@@ -30,13 +30,25 @@ def evaluate_lm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     total_nats, total_tokens = 0.0, 0
     try:
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with autocast_context(device, precision):
-                logits, _ = model(x)
-            total_nats += float(lm_loss(logits, y)) * y.numel()
-            total_tokens += y.numel()
+            nats, tokens = batch_nats(model, x, y, device, precision)
+            total_nats, total_tokens = total_nats + nats, total_tokens + tokens
     finally:
         model.train(was_training)
+    return lm_figures(total_nats, total_tokens, bytes_per_token)
+
+
+@torch.no_grad()
+def batch_nats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+               precision: str = "fp32") -> tuple[float, int]:
+    """Summed next-token loss (nats) of one batch and its token count."""
+    x, y = x.to(device), y.to(device)
+    with autocast_context(device, precision):
+        logits, _ = model(x)
+    return float(lm_loss(logits, y)) * y.numel(), y.numel()
+
+
+def lm_figures(total_nats: float, total_tokens: float, bytes_per_token: float) -> dict[str, float]:
+    """Loss, perplexity and bits per byte from summed nats and tokens."""
     if total_tokens == 0:
         raise ValueError("evaluation got no batches: the validation split is empty or too short")
     loss = total_nats / total_tokens

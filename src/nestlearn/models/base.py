@@ -47,6 +47,12 @@ class LanguageModel(nn.Module, ABC):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 may shard one at a time (`train.distributed`): the blocks, which
+        forward calls as wholes. A model whose forward reaches into a block's parts from outside
+        returns fewer (an unsharded part must be inside the unit being run)."""
+        return list(self.blocks)
+
     @abstractmethod
     def forward(self, ids: torch.Tensor, state: Any | None = None) -> tuple[torch.Tensor, Any]:
         """Logits (B, T, V) for token ids (B, T), and the state after the last token."""

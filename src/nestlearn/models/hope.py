@@ -169,6 +169,11 @@ class HopeLM(LanguageModel):
         self.reset_parameters()
         self.tie_head()
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """None with in-context CMS: forward reads and steps the blocks' CMS levels between the
+        blocks' calls, so FSDP2 shards the model as one unit."""
+        return [] if self.in_context else super().fsdp_units()
+
     def hope_blocks(self) -> list[HopeBlock]:
         blocks = []
         for block in self.blocks:

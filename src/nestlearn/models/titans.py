@@ -317,6 +317,11 @@ class LMMBlock(StreamBlock):
 class TitansLM(LanguageModel, Generic[LayerStateT]):
     """Embedding, ``n_layers`` blocks, final RMSNorm and a (tied) output head."""
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """None: forward reads the memories' initial weights M_0 (`initial_state`) before the
+        blocks run, so FSDP2 shards the model as one unit."""
+        return []
+
     def __init__(self, cfg: ModelConfig, make_block: Callable[[ModelConfig], TitansBlock]) -> None:
         super().__init__(cfg)
         self.build_trunk(make_block(cfg) for _ in range(cfg.n_layers))

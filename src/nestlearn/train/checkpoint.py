@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -43,6 +43,13 @@ class CheckpointError(RuntimeError):
         self.path = path
 
 
+class SavesState(Protocol):
+    """What a checkpoint saves of an optimizer: its `state_dict()` (under FSDP, one whose
+    sharded tensors were gathered whole, `distributed.full_tensors`)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 def checkpoint_dir_name(step: int) -> str:
     """Zero-padded so that names sort like steps in a file browser."""
     return f"step_{step:06d}"
@@ -53,7 +60,7 @@ def save_checkpoint(
     step: int,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: SavesState,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     trainer_state: dict[str, Any],
     config: dict[str, Any],
@@ -225,14 +232,16 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     map_location: str | torch.device = "cpu",
     restore_rng: bool = True,
+    weights: Callable[[Path, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Verify, then restore weights (strictly), optimizer, scheduler and RNG states.
+    """Verify, then restore weights (strictly; by `weights` if given, e.g. into a sharded
+    model, else `load_weights`), optimizer, scheduler and RNG states.
 
     Returns the trainer state, plus "extra" when the checkpoint holds extra tensors.
     """
     path = Path(path)
     verify_checkpoint(path)
-    load_weights(path, model)
+    (weights or load_weights)(path, model)
     blob = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
     if optimizer is not None:
         _load_state(path, "optimizer", optimizer, blob["optimizer"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
-from nestlearn.eval.perplexity import evaluate_lm, lm_loss
+from nestlearn.eval.perplexity import batch_nats, evaluate_lm, lm_figures, lm_loss
 from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
@@ -35,9 +36,21 @@ from nestlearn.train.checkpoint import (
     save_checkpoint,
 )
 from nestlearn.train.cpu_share import CpuShareCheck
-from nestlearn.train.metrics import METRICS_FILE, make_sinks
+from nestlearn.train.distributed import (
+    FullState,
+    Parallel,
+    full_model,
+    full_tensors,
+    like_param,
+    load_sharded_weights,
+    optimizer_context,
+    quiet,
+    shard_optimizer_state,
+    wrap,
+)
+from nestlearn.train.metrics import METRICS_FILE, MultiSink, make_sinks
 from nestlearn.train.progress import Progress
-from nestlearn.utils.device import autocast_context, resolve_device
+from nestlearn.utils.device import autocast_context
 from nestlearn.utils.io import read_json
 
 
@@ -86,12 +99,20 @@ class Trainer:
     """Step loop with grad accumulation, clipping, autocast, NaN guard, eval and checkpoints."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module, data: PreparedData, run_dir: Path,
-                 *, resume: str | None = None, log: Callable[[str], None] = print) -> None:
-        self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
-        self.device = resolve_device(cfg.train.device)
+                 *, resume: str | None = None, log: Callable[[str], None] = print,
+                 parallel: Parallel | None = None) -> None:
+        """`parallel` (`distributed.setup`): this process's place in a DDP/FSDP job; every rank
+        builds a Trainer, only rank 0 logs and writes."""
+        self.par = parallel or Parallel()
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
+        self.log = log if self.par.is_main else quiet
+        self.par.check_batch(cfg.train.batch_size)
+        self.device = self.par.device
         self.model = model.to(self.device)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        self.wrapped = wrap(self.model, self.par)
+        self.net = self.wrapped.train_module  # the module a training step calls (DDP's wrapper)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.train.steps)
         self.loader = BatchLoader(data, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
@@ -107,44 +128,70 @@ class Trainer:
         resumed = self._maybe_resume(resume)
         self._first_step = self.state.step  # self.losses[i] is the loss of step _first_step + 1 + i
         self._rolled_back = False
-        self.sinks = make_sinks(cfg.logging, self.run_dir, cfg.name, self.config_dict,
-                                resume_step=self.state.step if resumed else 0)
+        self.sinks = self._sinks(self.state.step if resumed else 0)
+
+    def _sinks(self, resume_step: int) -> MultiSink:
+        if not self.par.is_main:
+            return MultiSink([])
+        return make_sinks(self.cfg.logging, self.run_dir, self.cfg.name, self.config_dict, resume_step)
 
     def _maybe_resume(self, resume: str | None) -> bool:
         """Load the checkpoint ``resume`` names (``checkpoint.resolve_resume``). A fresh start
         (``None``/"none") in a directory that holds a run first moves that run aside, so two
         runs never share one curve or one checkpoint directory; "auto" with checkpoints of which
         none verifies refuses rather than silently starting over."""
+        decision = ""  # rank 0 decides, the others follow: "" fresh, "!why" refused, else a path
+        if self.par.is_main:
+            try:
+                found = self._resume_path(resume)
+                decision = "" if found is None else str(found)
+            except (ValueError, OSError) as exc:
+                if not self.par.active:
+                    raise
+                decision = f"!{exc}"
+        decision = self.par.share(decision)
+        if decision.startswith("!"):
+            raise ValueError(decision[1:])
+        if not decision:
+            return False
+        path = Path(decision)
+        self._restore(path)
+        self.log(f"resumed from {path} at step {self.state.step}")
+        return True
+
+    def _resume_path(self, resume: str | None) -> Path | None:
         if resume is None or resume == "none":
             self._set_aside_previous_run()
-            return False
+            return None
         path = resolve_resume(self.ckpt_root, resume)
         if path is None:
             if found := list_checkpoints(self.ckpt_root):
                 raise ValueError(
                     f"none of the {len(found)} checkpoints in {self.ckpt_root} verifies (the newest: "
                     f"{found[-1].name}); --resume none starts the run over, moving them aside")
-            return False
+            return None
         conflicts = resume_conflicts(read_json(path / "config.json"), self.config_dict)
         if conflicts:
             raise ValueError(
                 f"cannot resume from {path}: its config differs in {', '.join(conflicts)}; "
                 "use another run name (name=...), or --resume none to start over (the old run is moved aside)")
-        self._restore(path)
-        self.log(f"resumed from {path} at step {self.state.step}")
-        return True
+        return path
 
     def _restore(self, path: Path) -> None:
         """Model, optimizer, scheduler, loop counters, data position and pending level-clock
         gradients as the checkpoint at ``path`` holds them."""
+        sharded = self.par.strategy == "fsdp"
         saved = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                scheduler=self.scheduler, map_location=self.device)
+                                scheduler=self.scheduler, map_location=self.device,
+                                weights=load_sharded_weights if sharded else None)
+        if sharded:
+            shard_optimizer_state(self.optimizer)
         known = {k: v for k, v in saved.get("train", {}).items() if k in TrainState.__annotations__}
         self.state = TrainState(**known)
         self.loader.load_state_dict(saved["data"])
         pending = saved.get("extra", {}).get("pending_grads", {})
         for name, p in self.model.named_parameters():
-            p.grad = pending[name].to(p.device) if name in pending else None
+            p.grad = like_param(pending[name], p) if name in pending else None
         if self.meta_loader is not None and "meta_data" in saved:
             self.meta_loader.load_state_dict(saved["meta_data"])
 
@@ -154,7 +201,10 @@ class Trainer:
         ``TrainingDiverged`` when ``max_rollbacks`` are spent or there is no checkpoint."""
         cfg = self.cfg.train
         done = self.state.rollbacks
-        path = None if done >= cfg.max_rollbacks else latest_valid_checkpoint(self.ckpt_root, warn=self.log)
+        path = None
+        if done < cfg.max_rollbacks:  # rank 0 looks, so that every rank returns to the same one
+            newest = latest_valid_checkpoint(self.ckpt_root, warn=self.log) if self.par.is_main else None
+            path = Path(shared) if (shared := self.par.share(str(newest or ""))) else None
         if path is None:
             why = (f"after {done} rollbacks" if done >= cfg.max_rollbacks else "and no checkpoint to roll back to")
             raise TrainingDiverged(
@@ -170,8 +220,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] *= cfg.rollback_lr_factor
         self.sinks.close()  # the curve continues from the checkpoint: later records are dropped
-        self.sinks = make_sinks(self.cfg.logging, self.run_dir, self.cfg.name, self.config_dict,
-                                resume_step=self.state.step)
+        self.sinks = self._sinks(self.state.step)
         self.log(f"warning: {cfg.max_bad_steps} non-finite losses in a row at step {failed_at}: rolled back "
                  f"to {path.name} with the learning rate x{cfg.rollback_lr_factor ** self.state.rollbacks:g} "
                  f"(rollback {self.state.rollbacks} of {cfg.max_rollbacks})")
@@ -200,16 +249,15 @@ class Trainer:
         total = 0.0
         observe = (self.state.step + 1) % cfg.log_every == 0 or self.state.step + 1 == cfg.steps
         for _ in range(cfg.grad_accum):
-            x, y = self.loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = (self.par.rows(t).to(self.device, non_blocking=True) for t in self.loader.next_batch())
             with autocast_context(self.device, cfg.precision):
-                logits, model_state = self.model(x)
+                logits, model_state = self.net(x)
             if observe:
                 self.inner_stats = inner_loop_stats(model_state)
             loss = lm_loss(logits, y)
             torch.autograd.backward(loss / cfg.grad_accum)
             total += float(loss.detach())
-        loss_value = total / cfg.grad_accum
+        (loss_value,) = self.par.mean([total / cfg.grad_accum])
         # On level clocks only the levels that fire now are clipped (their accumulated chunk).
         owned = (self.optimizer.firing_parameters() if isinstance(self.optimizer, ChunkedAdamW)
                  else self.model.parameters())
@@ -217,16 +265,18 @@ class Trainer:
         # DeepNestedOptimizer clips inside its own step; measure the norm without clipping.
         nested = isinstance(self.optimizer, DeepNestedOptimizer)
         max_norm = math.inf if nested or cfg.grad_clip == 0 else cfg.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self._skip_update()
         else:
             self.state.bad_steps = 0
-            if isinstance(self.optimizer, DeepNestedOptimizer):
-                self.optimizer.step(loss_value)
-                self._maybe_meta_update()
-            else:
-                self.optimizer.step()
+            with optimizer_context(self.par):
+                if isinstance(self.optimizer, DeepNestedOptimizer):
+                    self.optimizer.step(loss_value)
+                    self._maybe_meta_update()
+                else:
+                    self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -287,7 +337,29 @@ class Trainer:
         batches = iter_eval_batches(self.data, "val", cfg.batch_size, cfg.seq_len,
                                     cfg.eval_batches)
         bpt = float(self.data.stats["bytes_per_token"]["val"])
-        return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
+        if not self.par.active:
+            return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
+        return self._evaluate_parallel(batches, bpt)
+
+    def _evaluate_parallel(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                           bpt: float) -> dict[str, float]:
+        """Each rank scores its rows of every batch and the sums are reduced. A sharded model's
+        forward is a collective, so a rank left without rows runs one row and counts nothing."""
+        was_training = self.model.training
+        self.model.eval()
+        nats, tokens = 0.0, 0
+        try:
+            for x, y in batches:
+                mine_x, mine_y = self.par.rows(x), self.par.rows(y)
+                if len(mine_x):
+                    n, t = batch_nats(self.model, mine_x, mine_y, self.device, self.cfg.train.precision)
+                    nats, tokens = nats + n, tokens + t
+                elif self.par.strategy == "fsdp":
+                    batch_nats(self.model, x[:1], y[:1], self.device, self.cfg.train.precision)
+        finally:
+            self.model.train(was_training)
+        total_nats, total_tokens = self.par.total([nats, tokens])
+        return lm_figures(total_nats, total_tokens, bpt)
 
     def _checkpoint(self) -> None:
         trainer_state: dict[str, Any] = {"train": self.state.__dict__,
@@ -295,13 +367,19 @@ class Trainer:
         if self.meta_loader is not None:
             trainer_state["meta_data"] = self.meta_loader.state_dict()
         # Slow levels on level clocks hold a half-accumulated chunk in .grad: keep it.
-        pending = {name: p.grad.detach().clone() for name, p in self.model.named_parameters()
-                   if p.grad is not None}
-        save_checkpoint(self.ckpt_root, self.state.step, model=self.model,
-                        optimizer=self.optimizer, scheduler=self.scheduler,
-                        trainer_state=trainer_state, config=self.config_dict,
-                        keep=self.cfg.train.keep_checkpoints,
-                        extra_tensors={"pending_grads": pending} if pending else None)
+        pending = full_tensors({name: p.grad.detach().clone() for name, p in self.model.named_parameters()
+                                if p.grad is not None})
+        # Under FSDP every rank gathers the whole state (collectives); rank 0 alone writes it.
+        sharded = self.par.strategy == "fsdp"
+        model = full_model(self.model, self.wrapped)
+        optimizer = FullState(full_tensors(self.optimizer.state_dict())) if sharded else self.optimizer
+        if self.par.is_main:
+            save_checkpoint(self.ckpt_root, self.state.step, model=model,
+                            optimizer=optimizer, scheduler=self.scheduler,
+                            trainer_state=trainer_state, config=self.config_dict,
+                            keep=self.cfg.train.keep_checkpoints,
+                            extra_tensors={"pending_grads": pending} if pending else None)
+        self.par.barrier()  # no rank reads a checkpoint before it is complete
 
     def _log_val(self) -> dict[str, float]:
         val = self.evaluate()
@@ -317,7 +395,8 @@ class Trainer:
         cfg = self.cfg.train
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         # off a terminal: one line every log_every steps, like metrics.jsonl
-        progress = Progress(cfg.steps, self.cfg.logging.progress, initial=self.state.step,
+        progress = Progress(cfg.steps, self.cfg.logging.progress if self.par.is_main else "none",
+                            initial=self.state.step,
                             every_steps=cfg.log_every, every_seconds=0.0)
         self.model.train()
         window: list[float] = []
@@ -353,8 +432,9 @@ class Trainer:
                     window.clear()
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     val = self._log_val()
-                    progress.write(f"step {step}: val_loss {val['val_loss']:.4f} "
-                                   f"ppl {val['val_ppl']:.2f} bpb {val['val_bpb']:.4f}")
+                    if self.par.is_main:
+                        progress.write(f"step {step}: val_loss {val['val_loss']:.4f} "
+                                       f"ppl {val['val_ppl']:.2f} bpb {val['val_bpb']:.4f}")
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     self._checkpoint()
                 tick = time.perf_counter()
