@@ -469,6 +469,9 @@ class RunConfig:
         self.train.check("train")
         self.parallel.check("parallel")
         self.logging.check("logging")
+        if self.parallel.strategy == "fsdp" and self.optimizer.type == "nested":
+            raise ConfigError("optimizer.type", "nested", "another optimizer with parallel.strategy=fsdp (the "
+                              "nested optimizer's meta-update samples whole tensors), or parallel.strategy=ddp")
         cms = self.model.cms
         if cms.in_context and self.model.type.startswith("hope") and max(cms.chunk_sizes) > self.train.seq_len:
             raise ConfigError("model.cms.chunk_sizes", cms.chunk_sizes,
