@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -134,12 +136,21 @@ def setup(cfg: RunConfig) -> Parallel:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, store=_attempt_store(), rank=int(os.environ["RANK"]), world_size=world)
         else:
             store = Path(tempfile.mkdtemp(prefix="nestlearn-pg-")) / "store"
             dist.init_process_group(backend, init_method=store.as_uri(), rank=0, world_size=1)
         atexit.register(_teardown)
     return Parallel(strategy, dist.get_rank(), dist.get_world_size(), device)
+
+
+def _attempt_store() -> Store:
+    """The store of torchrun's agent under a prefix of this attempt: after a restart, the
+    `--standalone` agent's store still holds the previous attempt's addresses, which the new
+    group would otherwise try to connect to."""
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=10))
+    return PrefixStore(f"nestlearn/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _teardown() -> None:
