@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import tiny_overrides
 from nestlearn import cli
 from nestlearn.config import available_configs
 
@@ -58,3 +60,30 @@ def test_piping_into_a_closed_reader_ends_quietly(monkeypatch: pytest.MonkeyPatc
     finally:
         monkeypatch.undo()
         stdout.close()
+
+
+def test_malformed_yaml_wrong_types_and_missing_files_are_one_line(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    assert "expected valid YAML at line 2" in one_line_error(
+        capsys, ["config", "--config-path", str(tmp_path), "-c", "broken"])
+    assert "got 'many', expected an integer" in one_line_error(capsys, ["config", "train.steps=many"])
+    err = one_line_error(capsys, ["prepare", f"data.artifacts_dir={tmp_path / 'a'}", "data.sources=[/nope/missing.txt]"])
+    assert "source '/nope/missing.txt': no such file" in err and not (tmp_path / "a").exists()
+
+
+def test_a_tokenizer_or_checkpoint_of_another_model_config_is_refused_untouched(
+        capsys: pytest.CaptureFixture[str], tiny_root: Path, tiny_prepared: Any, tmp_path: Path) -> None:
+    common = [*tiny_overrides(tiny_root), f"out_dir={tmp_path}", "train.steps=2", "train.eval_every=2",
+              "train.ckpt_every=2", "train.eval_batches=1", "train.batch_size=4"]
+    tokenizer = tiny_prepared.tokenizer_path  # 512 pieces, for a model of 100 rows
+    err = one_line_error(capsys, ["train", *common, "name=small_vocab", "model.vocab_size=100",
+                                  f"data.tokenizer.path={tokenizer}"])
+    assert "model.vocab_size=100 is smaller than the tokenizer's vocabulary (512)" in err
+    assert not (tmp_path / "small_vocab").exists()
+    assert cli.main(["train", *common, "name=other"]) == 0
+    checkpoint = next((tmp_path / "other" / "checkpoints").iterdir())
+    capsys.readouterr()
+    err = one_line_error(capsys, ["train", *common, "name=wider", "model.d_model=32", "--resume", str(checkpoint)])
+    assert f"cannot resume from {checkpoint}: its config differs in model.d_model" in err
+    assert not (tmp_path / "wider" / "config.json").exists()
