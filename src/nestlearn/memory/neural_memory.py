@@ -24,6 +24,7 @@ from nestlearn.memory.reference import reference_memory_scan
 from nestlearn.memory.state import MemoryState, MemoryStats, MemoryWeights, Writes
 from nestlearn.memory.token_step import memory_token_step, token_step_applies
 from nestlearn.memory.toolchain import compile_available
+from nestlearn.utils.numerics import finite_or_zero
 
 COMPILE_COST = "the memory trains ~1.2x slower"
 
@@ -183,6 +184,7 @@ class NeuralMemory(nn.Module):
         if self.config.compile and not compile_available(x.device.type, COMPILE_OPTION, COMPILE_COST):
             self.config = dataclasses.replace(self.config, compile=False)  # for this process
         c = self.config
+        x = finite_or_zero(x)  # a bad input must not poison the state (utils.numerics)
         if state is None:
             state = self.initial_state(x.shape[0])
         if token_step_applies(x, state.buffer.length, c.chunk_size, state.current is not None):

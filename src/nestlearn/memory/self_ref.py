@@ -94,6 +94,7 @@ from nestlearn.memory.self_ref_config import (
 from nestlearn.memory.state import MemoryStats, MemoryWeights, Writes
 from nestlearn.memory.toolchain import compile_available
 from nestlearn.utils.compiling import call_compiled
+from nestlearn.utils.numerics import finite_or_zero
 
 COMPILE_COST = "the self-referential layers train 1.7-2x slower"
 
@@ -296,6 +297,7 @@ class SelfRefTitans(nn.Module):
         if self.config.compile and not compile_available(x.device.type, COMPILE_OPTION, COMPILE_COST):
             self.config = dataclasses.replace(self.config, compile=False)  # for this process
         c = self.config
+        x = finite_or_zero(x)  # a bad input must not poison the state (utils.numerics)
         if state is None:
             state = self.initial_state(x.shape[0])
         if decoding_applies(x, state.other_buffer.shape[-2], state.memory_buffer.length, c.other_chunk_size,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ from torch.func import functional_call, vmap
 
 from nestlearn.config.schema import CMSConfig
 from nestlearn.models.layers import RMSNorm, SwiGLU
+from nestlearn.utils.numerics import finite_rows_or_zero
 
 # The weights of one level that learn in context: (gate_up, w_out) of its SwiGLU, either the
 # learned (out, in) matrices or a batch of per-context copies (B, out, in).
@@ -220,6 +222,7 @@ class ContinuumMemory(nn.Module):
         nested = self.form == "nested"
         updated: list[LevelState] = []
         for level, s, g, lr in zip(levels, state.levels, grads, self.lrs, strict=True):
+            g = cast("LevelWeights", finite_rows_or_zero(*g))  # a bad segment teaches its sequence nothing
             acc = _axpy(1.0, g, s.grad)
             since = None if s.since_reset is None else _axpy(1.0, g, s.since_reset)
             delta = s.delta
