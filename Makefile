@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements/pinned.txt requirements/cons
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python requirements/constraints.py requirements/pinned.txt > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,hf,eval]"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,hf,eval,rl]"
 	touch $(STAMP)
 
 install: $(STAMP)
