@@ -6,9 +6,11 @@
 import gymnasium
 
 from nestlearn.agents.market import REGIMES, MarketPath, Regime, RegimeMarketEnv, simulate
+from nestlearn.optim.lr_controller import NestedDQNOptimizer, NestedLRController
 
 ENV_ID = "nestlearn/RegimeMarket-v0"
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(id=ENV_ID, entry_point="nestlearn.agents.market:RegimeMarketEnv")
 
-__all__ = ["ENV_ID", "REGIMES", "MarketPath", "Regime", "RegimeMarketEnv", "simulate"]
+__all__ = ["ENV_ID", "REGIMES", "MarketPath", "NestedDQNOptimizer", "NestedLRController", "Regime",
+           "RegimeMarketEnv", "simulate"]

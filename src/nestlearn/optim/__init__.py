@@ -21,6 +21,7 @@ from nestlearn.optim.factory import (
     param_groups,
 )
 from nestlearn.optim.level_clock import ChunkedUpdateScheduler, setup_optimizers
+from nestlearn.optim.lr_controller import NestedDQNOptimizer, NestedLRController
 from nestlearn.optim.m3 import M3
 from nestlearn.optim.meta_step import MetaOptimizer, nested_training_step
 from nestlearn.optim.meta_trainer import (
@@ -45,6 +46,8 @@ __all__ = [
     "L2RegressionMomentum",
     "MetaOptimizer",
     "NestedController",
+    "NestedDQNOptimizer",
+    "NestedLRController",
     "PreconditionedMomentum",
     "SimplifiedMetaTrainer",
     "SurpriseLossComputer",

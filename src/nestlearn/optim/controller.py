@@ -59,7 +59,8 @@ class NestedController(nn.Module):
     plain base optimizer.
     """
 
-    def __init__(self, hidden_dim: int = 32, min_mult: float = 0.1, max_mult: float = 2.0) -> None:
+    def __init__(self, hidden_dim: int = 32, min_mult: float = 0.1, max_mult: float = 2.0,
+                 n_features: int = N_FEATURES) -> None:
         super().__init__()
         if hidden_dim < 1:
             raise ValueError(f"hidden_dim={hidden_dim} is invalid; expected an integer >= 1")
@@ -70,7 +71,7 @@ class NestedController(nn.Module):
             )
         self.min_mult = min_mult
         self.max_mult = max_mult
-        self.net = nn.Sequential(nn.Linear(N_FEATURES, hidden_dim), nn.Tanh(),
+        self.net = nn.Sequential(nn.Linear(n_features, hidden_dim), nn.Tanh(),
                                  nn.Linear(hidden_dim, 1))
         last = self.net[2]
         assert isinstance(last, nn.Linear)
