@@ -5,6 +5,7 @@
 
 import gymnasium
 
+from nestlearn.agents.experience import NestedExperienceMemory
 from nestlearn.agents.market import REGIMES, MarketPath, Regime, RegimeMarketEnv, simulate
 from nestlearn.optim.lr_controller import NestedDQNOptimizer, NestedLRController
 
@@ -12,5 +13,5 @@ ENV_ID = "nestlearn/RegimeMarket-v0"
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(id=ENV_ID, entry_point="nestlearn.agents.market:RegimeMarketEnv")
 
-__all__ = ["ENV_ID", "REGIMES", "MarketPath", "NestedDQNOptimizer", "NestedLRController", "Regime",
+__all__ = ["ENV_ID", "REGIMES", "MarketPath", "NestedDQNOptimizer", "NestedExperienceMemory", "NestedLRController", "Regime",
            "RegimeMarketEnv", "simulate"]
