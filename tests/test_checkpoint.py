@@ -283,14 +283,14 @@ def test_rotation_never_removes_the_last_valid_checkpoint_behind_a_bad_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     setup = make_setup(seed=0)
     first = save(tmp_path, 1, setup, keep=1)
-    real_manifest = ckpt._manifest
+    real_manifest = ckpt.manifest
 
     def torn(directory: Path, step: int) -> dict[str, Any]:  # the weights are lost after hashing
         manifest = real_manifest(directory, step)
         (directory / ckpt.MODEL_FILE).write_bytes(b"torn")
         return manifest
 
-    monkeypatch.setattr(ckpt, "_manifest", torn)
+    monkeypatch.setattr(ckpt, "manifest", torn)
     save(tmp_path, 2, setup, keep=1)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001", "step_000002"]
     assert latest_valid_checkpoint(tmp_path, warn=lambda _: None) == first
@@ -312,7 +312,7 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     torch.save({"optimizer": _Planted(marker)}, path / ckpt.OPTIMIZER_FILE)
     # a manifest that matches the planted file: only the loader's own rules stand in the way
-    (path / ckpt.MANIFEST_FILE).write_text(json.dumps(ckpt._manifest(path, 1)))
+    (path / ckpt.MANIFEST_FILE).write_text(json.dumps(ckpt.manifest(path, 1)))
     verify_checkpoint(path)
     with pytest.raises(Exception, match=r"(?i)weights.only|unsupported|global"):
         load_checkpoint(path, model=TiedLM(), optimizer=setup[1])

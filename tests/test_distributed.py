@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_overrides
 from nestlearn import pipeline
 from nestlearn.config import load_config
+from nestlearn.loading import load
 from nestlearn.train.checkpoint import checkpoint_dir_name
 from nestlearn.train.distributed import Parallel, quiet, setup
 from nestlearn.train.metrics import read_jsonl
@@ -37,6 +39,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "m3": ("transformer/pilot_smoke", ["optimizer.type=m3"]),
     "nested": ("transformer/pilot_smoke", ["optimizer.type=nested"]),
 }
+SHARDED = ["transformer", "hope"]  # also trained with parallel.sharded_checkpoints
 FSDP_REFUSED = {"nested"}  # RunConfig.check refuses it (see docs/distributed.md)
 # M3 divides by sqrt(V) of the first gradients, so the all-reduce's rounding (1e-7) grows
 # step by step; its runs agree with one process over the first two steps only.
@@ -91,6 +94,9 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_root: Path, tiny_prepar
             if not (strategy == "fsdp" and name in FSDP_REFUSED)]
     spec.append({"config": "transformer/pilot_smoke", "resume": "auto",
                  "overrides": overrides(root, half.name, "fsdp", [])})
+    spec += [{"config": CASES[name][0], "overrides": overrides(root, f"{name}_fsdp_sharded", "fsdp",
+                                                              [*CASES[name][1], "parallel.sharded_checkpoints=true"])}
+             for name in SHARDED]
     done = torchrun(spec, root)
     assert done.returncode == 0, done.stderr[-4000:]
     return root
@@ -126,9 +132,38 @@ def test_fsdp_checkpoints_hold_whole_weights_that_one_process_resumes(study: Pat
             assert math.isclose(resumed[key], value, rel_tol=2e-5), (name, key, resumed[key], value)
 
 
-def test_fsdp_refuses_the_nested_optimizer_in_one_line() -> None:
+@pytest.mark.parametrize("case", SHARDED)
+def test_sharded_checkpoints_of_two_ranks_resume_in_one_process(study: Path, case: str) -> None:
+    """Each rank writes its own shards (no gathering); one process reads them back whole, pending
+    level-clock gradients included (hope), and `nestlearn.load` reads them as any checkpoint.
+    (Weights are compared with the gathered checkpoint of the same two-rank run, not with one
+    process's: Adam's step on a rarely seen token's embedding row, m/sqrt(v) of ~1e-8 gradients,
+    turns rounding into visible differences that the losses do not show.)"""
+    runs = study / "runs"
+    one = losses(runs / f"{case}_single")
+    for key, value in losses(runs / f"{case}_fsdp_sharded").items():
+        assert math.isclose(value, one[key], rel_tol=2e-5), (key, value, one[key])
+    files = {p.name for p in (runs / f"{case}_fsdp_sharded" / "checkpoints" / checkpoint_dir_name(STEPS)).iterdir()}
+    assert {"model-rank00000.safetensors", "model-rank00001.safetensors", "optimizer-rank00001.pt"} <= files
+    assert "model.safetensors" not in files
+    half = without_last_checkpoint(runs / f"{case}_fsdp_sharded", runs / f"{case}_sharded_to_single")
+    train_single(study, half.name, CASES[case][0], CASES[case][1], resume="auto")
+    for key, value in losses(half).items():
+        assert math.isclose(value, one[key], rel_tol=2e-5), (key, value, one[key])
+    # the same two-rank run, its checkpoint gathered whole: the same weights, bit for bit
+    loaded = load(runs / f"{case}_fsdp_sharded")
+    gathered = load_file(str(runs / f"{case}_fsdp" / "checkpoints" / checkpoint_dir_name(STEPS) / "model.safetensors"))
+    state = loaded.model.state_dict()
+    assert set(gathered) <= set(state)
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
+
+
+def test_fsdp_refuses_the_nested_optimizer_and_ddp_sharded_checkpoints_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"optimizer.type.*nested.*parallel.strategy=ddp"):
         load_config("transformer/pilot_smoke", ["optimizer.type=nested", "parallel.strategy=fsdp"])
+    with pytest.raises(ValueError, match=r"parallel.sharded_checkpoints.*false with parallel.strategy=ddp"):
+        load_config("transformer/pilot_smoke", ["parallel.sharded_checkpoints=true", "parallel.strategy=ddp"])
 
 
 def test_one_process_is_a_no_op_and_bad_batches_are_one_line() -> None:

@@ -428,9 +428,12 @@ class ParallelConfig:
 
     strategy: Literal["none", "ddp", "fsdp"] = "none"  # fsdp: FSDP2 fully_shard per block, then the root
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    sharded_checkpoints: bool = False  # fsdp: each rank writes its shards (train.sharded_checkpoint)
 
     def check(self, where: str) -> None:
-        return None
+        if self.sharded_checkpoints and self.strategy != "fsdp":
+            raise ConfigError(f"{where}.sharded_checkpoints", True,
+                              f"false with parallel.strategy={self.strategy} (only FSDP shards its state)")
 
 
 @dataclass

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
+from nestlearn.train import sharded_checkpoint as sharded
 from nestlearn.utils.io import atomic_directory, atomic_write_json, read_json, sha256_file
 from nestlearn.utils.seeding import capture_rng_state, restore_rng_state
 
@@ -32,6 +33,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 PAYLOAD_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE, CONFIG_FILE)
+COMMON_FILES = (RNG_FILE, TRAINER_STATE_FILE, CONFIG_FILE)  # rank 0's, in the sharded layout too
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -89,9 +91,8 @@ def save_checkpoint(
         torch.save(capture_rng_state(), tmp / RNG_FILE)
         atomic_write_json(tmp / TRAINER_STATE_FILE, trainer_state)
         atomic_write_json(tmp / CONFIG_FILE, config)
-        atomic_write_json(tmp / MANIFEST_FILE, _manifest(tmp, step))
-    if keep > 0:
-        _prune(Path(root), final, keep)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest(tmp, step))
+    prune(root, final, keep)
     return final
 
 
@@ -107,18 +108,29 @@ def _check_weights_only(file: Path, final: Path) -> None:
         ) from exc
 
 
-def _manifest(directory: Path, step: int) -> dict[str, Any]:
+def manifest(directory: Path, step: int, world_size: int | None = None) -> dict[str, Any]:
+    """The manifest of a checkpoint being written: consolidated, or sharded over `world_size`
+    ranks (`sharded_checkpoint`)."""
+    names = PAYLOAD_FILES if world_size is None else (*COMMON_FILES, *sharded.rank_files(world_size))
     files = {
         name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-        for name in PAYLOAD_FILES
+        for name in names
     }
+    layout = {} if world_size is None else {"layout": sharded.LAYOUT, "world_size": world_size}
     return {
         "format_version": FORMAT_VERSION,
         "step": step,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
+        **layout,
         "files": files,
     }
+
+
+def prune(root: Path, just_written: Path, keep: int) -> None:
+    """Keep the `keep` newest checkpoints (0: all), once the new one verifies (`_prune`)."""
+    if keep > 0:
+        _prune(Path(root), just_written, keep)
 
 
 def _prune(root: Path, just_written: Path, keep: int) -> None:
@@ -156,15 +168,43 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(path, "not a directory")
-    manifest = _read_manifest(path)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not set(PAYLOAD_FILES) <= set(files):
-        raise CheckpointError(
-            path, f"{MANIFEST_FILE} does not list all of {', '.join(PAYLOAD_FILES)}"
-        )
+    found = _read_manifest(path)
+    files = found.get("files")
+    required = _required_files(path, found)
+    if not isinstance(files, dict) or not set(required) <= set(files):
+        raise CheckpointError(path, f"{MANIFEST_FILE} does not list all of {', '.join(required)}")
     for name, entry in files.items():
         _verify_file(path, name, entry)
-    return manifest
+    return found
+
+
+def _required_files(path: Path, found: dict[str, Any]) -> tuple[str, ...]:
+    if found.get("layout", "consolidated") == "consolidated":
+        return PAYLOAD_FILES
+    world = found.get("world_size")
+    if found.get("layout") != sharded.LAYOUT or not isinstance(world, int) or world < 1:
+        raise CheckpointError(path, f"unknown layout {found.get('layout')!r} or world size {world!r}")
+    return (*COMMON_FILES, *sharded.rank_files(world))
+
+
+def sharded_world_size(path: Path) -> int | None:
+    """The world size a sharded checkpoint was written by; None for a consolidated one."""
+    found = _read_manifest(path)
+    return int(found["world_size"]) if found.get("layout") == sharded.LAYOUT else None
+
+
+def read_model_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole weights under every name `model` gives them (a tied matrix, stored
+    once, under each of its names), from either layout."""
+    world = sharded_world_size(path)
+    state = load_file(str(path / MODEL_FILE)) if world is None else sharded.read_sharded_model(path, world)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        if (found := next((n for n in group if n in state), None)) is not None:
+            state.update({n: state[found] for n in group})
+    return state
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -242,7 +282,9 @@ def load_checkpoint(
     path = Path(path)
     verify_checkpoint(path)
     (weights or load_weights)(path, model)
-    blob = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+    world = sharded_world_size(path)
+    blob = (torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True) if world is None
+            else sharded.read_sharded_blob(path, world))
     if optimizer is not None:
         _load_state(path, "optimizer", optimizer, blob["optimizer"])
     if scheduler is not None:
@@ -261,7 +303,10 @@ def load_weights(path: Path, model: nn.Module) -> None:
     """Load a checkpoint's weights into `model` strictly (every tensor, no more; a tied head
     once); the checkpoint is not verified here (`verify_checkpoint`)."""
     try:
-        missing, unexpected = load_model(model, path / MODEL_FILE, strict=False)
+        if sharded_world_size(path) is None:
+            missing, unexpected = load_model(model, path / MODEL_FILE, strict=False)
+        else:
+            missing, unexpected = model.load_state_dict(read_model_state(path, model), strict=False)
     except RuntimeError as exc:
         raise CheckpointError(path, f"weights do not fit the model: {_one_line(exc)}") from exc
     if missing or unexpected:

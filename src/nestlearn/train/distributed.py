@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 from torch import nn
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 from torch.distributed.checkpoint.state_dict import (
@@ -36,13 +36,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.parallel import DistributedDataParallel
 
 from nestlearn.config.schema import RunConfig
-from nestlearn.train.checkpoint import MODEL_FILE, CheckpointError
+from nestlearn.train import sharded_checkpoint as sharded
+from nestlearn.train.checkpoint import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    RNG_FILE,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    checkpoint_dir_name,
+    manifest,
+    prune,
+    read_model_state,
+)
 from nestlearn.utils.device import resolve_device
+from nestlearn.utils.io import atomic_directory, atomic_write_json
+from nestlearn.utils.seeding import capture_rng_state
 
 
 @dataclass(frozen=True)
@@ -233,19 +246,83 @@ def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def load_sharded_weights(path: Path, model: nn.Module) -> None:
-    """Load a checkpoint's whole weights into a sharded model, each rank keeping its shard; a tied
-    matrix saved under one of its names fills the others."""
-    state = load_file(str(path / MODEL_FILE))
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    for group in names.values():
-        if (found := next((n for n in group if n in state), None)) is not None:
-            state.update({n: state[found] for n in group})
+    """Load a checkpoint's whole weights (either layout) into a sharded model, each rank keeping
+    its shard."""
+    state = read_model_state(path, model)
     try:
         set_model_state_dict(model, cast("dict[str, Any]", state), options=StateDictOptions(full_state_dict=True, strict=True))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(path, f"weights do not fit the model: {str(exc).splitlines()[0]}") from exc
+
+
+def save_sharded_checkpoint(root: Path, step: int, *, par: Parallel, model: nn.Module,
+                            optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
+                            config: dict[str, Any], keep: int, pending: dict[str, torch.Tensor]) -> Path:
+    """Every rank writes its own shards into rank 0's temporary directory (`sharded_checkpoint`),
+    then rank 0 adds the common files and the manifest and renames it into place. No gathering."""
+    final = Path(root) / checkpoint_dir_name(step)
+    aliases = _aliases(model)
+    weights, model_rows = _local_rows({k: v for k, v in model.state_dict().items() if k not in aliases}, par)
+    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": {"pending_grads": pending} if pending else None}
+    flat, blob_rows = _local_rows(sharded.flatten(blob), par)
+    index = {"model": model_rows, "blob": blob_rows, "aliases": aliases}
+
+    def write_own(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / sharded.model_file(par.rank)))
+        torch.save(sharded.unflatten(blob, flat), tmp / sharded.optimizer_file(par.rank))
+        atomic_write_json(tmp / sharded.index_file(par.rank), index)
+
+    if par.is_main:
+        with atomic_directory(final) as tmp:
+            par.share(str(tmp))
+            write_own(tmp)
+            par.barrier()  # every rank's files are written
+            torch.save(capture_rng_state(), tmp / RNG_FILE)
+            atomic_write_json(tmp / TRAINER_STATE_FILE, trainer_state)
+            atomic_write_json(tmp / CONFIG_FILE, config)
+            atomic_write_json(tmp / MANIFEST_FILE, manifest(tmp, step, par.world_size))
+        prune(root, final, keep)
+    else:
+        write_own(Path(par.share("")))
+        par.barrier()
+    par.barrier()  # the checkpoint is in place before any rank goes on
+    return final
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Names of a parameter shared under several names (a tied head), each to its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _local_rows(tensors: dict[str, Any], par: Parallel) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Each DTensor replaced by this rank's rows (on the CPU) and the [start, stop) of those rows;
+    other tensors kept on rank 0 only (they are the same on every rank), other values as they are."""
+    local: dict[str, Any] = {}
+    rows: dict[str, list[int]] = {}
+    for name, value in tensors.items():
+        if isinstance(value, DTensor):
+            if tuple(value.placements) != (Shard(0),):
+                raise ValueError(f"sharded checkpoints hold tensors sharded on dim 0; {name} is {value.placements}")
+            piece = value.to_local().detach().cpu()
+            chunk = -(-value.shape[0] // par.world_size)  # FSDP2 shards like torch.chunk
+            start = min(par.rank * chunk, value.shape[0])
+            if piece.shape[0] != min(chunk, value.shape[0] - start):
+                raise ValueError(f"{name}: rank {par.rank} holds {piece.shape[0]} rows, not torch.chunk's share")
+            local[name], rows[name] = piece, [start, start + piece.shape[0]]
+        elif torch.is_tensor(value):
+            if par.is_main:
+                local[name] = value.detach().cpu()
+        else:
+            local[name] = value
+    return local, rows
 
 
 def optimizer_context(par: Parallel) -> AbstractContextManager[object]:

@@ -45,6 +45,7 @@ from nestlearn.train.distributed import (
     load_sharded_weights,
     optimizer_context,
     quiet,
+    save_sharded_checkpoint,
     shard_optimizer_state,
     wrap,
 )
@@ -367,8 +368,13 @@ class Trainer:
         if self.meta_loader is not None:
             trainer_state["meta_data"] = self.meta_loader.state_dict()
         # Slow levels on level clocks hold a half-accumulated chunk in .grad: keep it.
-        pending = full_tensors({name: p.grad.detach().clone() for name, p in self.model.named_parameters()
-                                if p.grad is not None})
+        pending = {name: p.grad.detach().clone() for name, p in self.model.named_parameters() if p.grad is not None}
+        if self.cfg.parallel.sharded_checkpoints:  # each rank writes its shards
+            save_sharded_checkpoint(self.ckpt_root, self.state.step, par=self.par, model=self.model,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=trainer_state,
+                                    config=self.config_dict, keep=self.cfg.train.keep_checkpoints, pending=pending)
+            return
+        pending = full_tensors(pending)
         # Under FSDP every rank gathers the whole state (collectives); rank 0 alone writes it.
         sharded = self.par.strategy == "fsdp"
         model = full_model(self.model, self.wrapped)
