@@ -7,11 +7,23 @@ import gymnasium
 
 from nestlearn.agents.experience import NestedExperienceMemory
 from nestlearn.agents.market import REGIMES, MarketPath, Regime, RegimeMarketEnv, simulate
+from nestlearn.agents.replay import NestedDQN, NestedReplayBuffer
 from nestlearn.optim.lr_controller import NestedDQNOptimizer, NestedLRController
 
 ENV_ID = "nestlearn/RegimeMarket-v0"
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(id=ENV_ID, entry_point="nestlearn.agents.market:RegimeMarketEnv")
 
-__all__ = ["ENV_ID", "REGIMES", "MarketPath", "NestedDQNOptimizer", "NestedExperienceMemory", "NestedLRController", "Regime",
-           "RegimeMarketEnv", "simulate"]
+__all__ = [
+    "ENV_ID",
+    "REGIMES",
+    "MarketPath",
+    "NestedDQN",
+    "NestedDQNOptimizer",
+    "NestedExperienceMemory",
+    "NestedLRController",
+    "NestedReplayBuffer",
+    "Regime",
+    "RegimeMarketEnv",
+    "simulate",
+]
