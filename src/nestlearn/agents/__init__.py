@@ -8,6 +8,7 @@ import gymnasium
 from nestlearn.agents.experience import NestedExperienceMemory
 from nestlearn.agents.market import REGIMES, MarketPath, Regime, RegimeMarketEnv, simulate
 from nestlearn.agents.replay import NestedDQN, NestedReplayBuffer
+from nestlearn.agents.trigger import TriggeredFastWeights, TriggeredMemoryExtractor
 from nestlearn.optim.lr_controller import NestedDQNOptimizer, NestedLRController
 
 ENV_ID = "nestlearn/RegimeMarket-v0"
@@ -25,5 +26,7 @@ __all__ = [
     "NestedReplayBuffer",
     "Regime",
     "RegimeMarketEnv",
+    "TriggeredFastWeights",
+    "TriggeredMemoryExtractor",
     "simulate",
 ]
