@@ -20,7 +20,6 @@ cut off; the table (mean ± std over seeds) is printed and `--plot` drawn from i
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import statistics
 import sys
@@ -34,6 +33,7 @@ from stable_baselines3 import DQN, PPO
 
 from nestlearn.agents import NestedDQN, NestedReplayBuffer, RegimeMarketEnv
 from nestlearn.agents.sb3_optimizers import OPTIMIZERS, policy_optimizer
+from nestlearn.eval.report import png_figure
 from nestlearn.utils.io import atomic_write_bytes, atomic_write_json, read_json
 
 ENVS = ("cartpole", "market")
@@ -149,11 +149,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(mine)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{algo.upper()} on {env}")
         ax.set_ylabel("mean return")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_figure(fig, plt))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

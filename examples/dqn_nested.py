@@ -13,7 +13,6 @@ during training and the nested controller's learning-rate multiplier.
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
 
 from nestlearn.agents import NestedDQN, NestedLRController, NestedReplayBuffer
+from nestlearn.eval.report import png_figure
 from nestlearn.utils.io import atomic_write_bytes
 
 
@@ -79,11 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     bx.plot(multipliers)
     bx.set_xlabel("environment step")
     bx.set_ylabel("learning-rate multiplier")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(args.out), buffer.getvalue())
+    atomic_write_bytes(Path(args.out), png_figure(fig, plt))
     print(f"wrote {args.out}")
     return {"plain": plain, "nested": nested, "multipliers": multipliers}
 

@@ -13,7 +13,6 @@ the trigger's firing rate on that path.
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 from stable_baselines3 import PPO
 
 from nestlearn.agents import REGIMES, RegimeMarketEnv, TriggeredMemoryExtractor
+from nestlearn.eval.report import png_figure
 from nestlearn.utils.io import atomic_write_bytes
 
 
@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         cx = bx.twinx()
         cx.plot(nested, color="gray", lw=0.7, alpha=0.6)
         cx.set_ylabel("trigger firing rate", color="gray")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(args.out), buffer.getvalue())
+    atomic_write_bytes(Path(args.out), png_figure(fig, plt))
     print(f"wrote {args.out}")
     return episodes
 
