@@ -1,6 +1,6 @@
 """Nested learning inside RL agents: does a nested optimizer or the experience memory help?
 
-DQN and PPO (stable-baselines3) on CartPole-v1 and on `RegimeMarketEnv`, each with AdamW, the
+DQN and PPO (stable-baselines3) on CartPole-v1, Acrobot-v1 and `RegimeMarketEnv`, each with AdamW, the
 nested LR controller (`NestedLRController`), `DeepNestedOptimizer` and M3; DQN also with the
 nested experience memory (`NestedDQN` + `NestedReplayBuffer`). Each run trains `--steps`
 environment steps at stable-baselines3's default settings (the optimizer swapped, its rate
@@ -36,12 +36,13 @@ from nestlearn.agents.sb3_optimizers import OPTIMIZERS, policy_optimizer
 from nestlearn.eval.report import png_figure
 from nestlearn.utils.io import atomic_write_bytes, atomic_write_json, read_json
 
-ENVS = ("cartpole", "market")
+ENVS = ("cartpole", "acrobot", "market")
+GYM_IDS = {"cartpole": "CartPole-v1", "acrobot": "Acrobot-v1"}
 ALGOS = ("dqn", "ppo")
 
 
 def make_env(name: str) -> gymnasium.Env[Any, Any]:
-    return gymnasium.make("CartPole-v1") if name == "cartpole" else RegimeMarketEnv()
+    return gymnasium.make(GYM_IDS[name]) if name in GYM_IDS else RegimeMarketEnv()
 
 
 def runs(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -30,3 +30,12 @@ def test_the_agents_study_runs_every_cell_and_resumes(tmp_path: Path, capsys: py
     assert "[1/" not in capsys.readouterr().out  # nothing trained again
     with pytest.raises(SystemExit, match="holds runs made with"):
         agents.main([*argv[:1], "300", *argv[2:]])
+
+
+def test_acrobot_is_one_of_the_environments(tmp_path: Path) -> None:
+    agents = load_script("benchmarks/agents.py")
+    out = tmp_path / "acrobot.json"
+    assert agents.main(["--steps", "200", "--seeds", "1", "--eval-episodes", "1", "--envs", "acrobot", "--algos", "dqn",
+                        "--optimizers", "adamw", "--json", str(out), "--plot", ""]) == 0
+    (row,) = json.loads(out.read_text())["table"]
+    assert row["env"] == "acrobot" and row["diverged"] == 0 and -500 <= row["return"] <= 0
