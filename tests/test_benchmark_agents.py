@@ -37,5 +37,6 @@ def test_acrobot_is_one_of_the_environments(tmp_path: Path) -> None:
     out = tmp_path / "acrobot.json"
     assert agents.main(["--steps", "200", "--seeds", "1", "--eval-episodes", "1", "--envs", "acrobot", "--algos", "dqn",
                         "--optimizers", "adamw", "--json", str(out), "--plot", ""]) == 0
-    (row,) = json.loads(out.read_text())["table"]
-    assert row["env"] == "acrobot" and row["diverged"] == 0 and -500 <= row["return"] <= 0
+    rows = json.loads(out.read_text())["table"]
+    assert [r["memory"] for r in rows] == [False, True]  # DQN with and without the experience memory
+    assert all(r["env"] == "acrobot" and r["diverged"] == 0 and -500 <= r["return"] <= 0 for r in rows)
