@@ -44,7 +44,6 @@ def prepare(cfg: RunConfig, log: Log = print) -> PreparedData:
         return prepare_data(cfg.data, progress=progress, log=log if par.is_main else distributed.quiet)
 
 
-
 def with_vocab(cfg: RunConfig, data: PreparedData) -> RunConfig:
     """The config with `model.vocab_size` filled from the tokenizer (or checked against it)."""
     vocab = cfg.model.vocab_size

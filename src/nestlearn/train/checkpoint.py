@@ -198,13 +198,18 @@ def read_model_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     once, under each of its names), from either layout."""
     world = sharded_world_size(path)
     state = load_file(str(path / MODEL_FILE)) if world is None else sharded.read_sharded_model(path, world)
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    for group in names.values():
+    for group in parameter_names(model):
         if (found := next((n for n in group if n in state), None)) is not None:
             state.update({n: state[found] for n in group})
     return state
+
+
+def parameter_names(model: nn.Module) -> list[list[str]]:
+    """Every parameter's names, first name first: more than one for a shared (tied) matrix."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return list(names.values())
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -7,8 +7,10 @@ on the world size. What decides anything (the NaN guard, the nested optimizers' 
 the level clocks) sees all-reduced figures or identical gradients, so the ranks stay in step;
 only rank 0 writes files.
 
-Checkpoints stay consolidated (one `model.safetensors` and an optimizer state laid out as a
-single process lays it out), so any world size and strategy resumes any other's.
+Checkpoints are consolidated by default (one `model.safetensors` and an optimizer state laid out
+as a single process lays it out); under FSDP2, `parallel.sharded_checkpoints` lets each rank write
+its own rows instead (`save_sharded_checkpoint`). Either layout resumes at any world size and
+under any strategy.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from nestlearn.train.checkpoint import (
     CheckpointError,
     checkpoint_dir_name,
     manifest,
+    parameter_names,
     prune,
     read_model_state,
 )
@@ -162,7 +165,7 @@ def _attempt_store() -> Store:
     `--standalone` agent's store still holds the previous attempt's addresses, which the new
     group would otherwise try to connect to."""
     store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(minutes=10))
+                     timeout=timedelta(minutes=10))
     return PrefixStore(f"nestlearn/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -292,14 +295,7 @@ def save_sharded_checkpoint(root: Path, step: int, *, par: Parallel, model: nn.M
 
 def _aliases(model: nn.Module) -> dict[str, str]:
     """Names of a parameter shared under several names (a tied head), each to its first name."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
+    return {alias: group[0] for group in parameter_names(model) for alias in group[1:]}
 
 
 def _local_rows(tensors: dict[str, Any], par: Parallel) -> tuple[dict[str, Any], dict[str, list[int]]]:
