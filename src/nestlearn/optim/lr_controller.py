@@ -95,9 +95,10 @@ class NestedLRController(torch.optim.Optimizer):
                 self._meta_step()
         with torch.enable_grad():
             mults = self.controller(self._features(grads))
+        self.last_multipliers = mults.tolist()
         before = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
         rates = [g["lr"] for g in self.param_groups]
-        for group, rate, m in zip(self.param_groups, rates, mults.tolist(), strict=True):
+        for group, rate, m in zip(self.param_groups, rates, self.last_multipliers, strict=True):
             group["lr"] = rate * m
         try:
             self.base.step()
@@ -105,9 +106,8 @@ class NestedLRController(torch.optim.Optimizer):
             for group, rate in zip(self.param_groups, rates, strict=True):
                 group["lr"] = rate
         self._directions = [[(p.detach() - b).float() / max(m, 1e-12) for p, b in zip(g["params"], bs, strict=True)]
-                            for g, bs, m in zip(self.param_groups, before, mults.tolist(), strict=True)]
+                            for g, bs, m in zip(self.param_groups, before, self.last_multipliers, strict=True)]
         self._mults = mults
-        self.last_multipliers = mults.tolist()
         self.updates += 1
         return loss
 
