@@ -6,7 +6,7 @@ Every model is its family's smoke config (`transformer/pilot_smoke`, `titans/pil
 data, tokenizer, batches (16 x 256 tokens a step), warmup and cosine schedule. Phases:
 
   sweep      each model at four learning rates, seed 0, `--sweep-tokens` (default 1M)
-  final      each model at its best swept rate, seeds 0-2, `--final-tokens` (default 3M)
+  final      each model at its best swept rate, seeds 0-2 (`--seeds`), `--final-tokens` (default 3M)
   ablations  HOPE at its best rate, seed 0, `--ablation-tokens` (default 1M, the sweep's budget:
              fourteen 3M runs would take ~10 hours here; 3010560 is issue 19's budget, with
              its own run names), beside HOPE with every mechanism on at
@@ -69,8 +69,10 @@ ABLATIONS: dict[str, list[str]] = {
     "v_lowest_frequency": ["model.self_ref.static_projections=[q,v]"],
     # the memory layers' steps by their input energy alone (before the curvature step)
     "input_energy_step": ["model.self_ref.curvature_step=false"],
-    "level_lr_mean": ["optimizer.level_lr=mean"],  # the level clocks before fix 1
-    "level_lr_linear": ["optimizer.level_lr=linear"],
+    # the level clocks' rate rules (fix 1 chose sqrt): a firing's Adam step is base x C^e
+    "level_lr_mean": ["optimizer.level_lr=mean"],  # e = -1, the seed's rule
+    "level_lr_flat": ["optimizer.level_lr=flat"],  # e = 0: each firing a fast-sized step
+    "level_lr_linear": ["optimizer.level_lr=linear"],  # e = 1
     "chunk_start_read": ["model.self_ref.in_chunk_reads=false"],  # the reads before fix 2
     "mix_input": ["model.self_ref.mix_input=true"],  # fix 3: generators see the whole token
 }
@@ -125,7 +127,7 @@ def final_runs(models: list[str], args: argparse.Namespace, warn: bool = False) 
             if warn:
                 print(f"{m}: the sweep is not finished; run --phase sweep first", file=sys.stderr)
             continue
-        runs += [Run(f"final_{m}_s{s}", m, lr, s, args.final_tokens) for s in SEEDS]
+        runs += [Run(f"final_{m}_s{s}", m, lr, s, args.final_tokens) for s in args.seeds]
     return runs
 
 
@@ -286,6 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--final-tokens", type=int, default=3_010_560, help="tokens per final run (735 steps)")
     p.add_argument("--ablation-tokens", type=int, default=ABLATION_TOKENS,
                    help="tokens per ablation run (245 steps)")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                   help="the final phase's seeds (e.g. 1,2 to add seeds to a finished seed 0)")
     p.add_argument("--rows", default="",
                    help="only these ablation rows (comma-separated, e.g. all_on_s1,mix_input)")
     p.add_argument("--lr", action="append", default=[], metavar="MODEL=RATE",
@@ -311,6 +315,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--lr {item!r}: expected MODEL=RATE with a number, e.g. hope=3e-3")
     args.lr = rates
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     rows = ["all_on_s0", "all_on_s1", *ABLATIONS]
     args.rows = [r for r in args.rows.split(",") if r]
     if unknown := sorted(set(args.rows) - set(rows)):
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     found = tables(args.models, args)
     print_tables(found)
     atomic_write_json(Path(args.json), {"settings": {
-        "batch": BATCH, "seq_len": SEQ_LEN, "learning_rates": LEARNING_RATES, "seeds": SEEDS,
+        "batch": BATCH, "seq_len": SEQ_LEN, "learning_rates": LEARNING_RATES, "seeds": args.seeds,
         "sweep_tokens": args.sweep_tokens, "final_tokens": args.final_tokens,
         "ablation_tokens": args.ablation_tokens, "fixed_lr": args.lr,
         "max_chars_per_source": args.max_chars, "threads": args.threads}, **found})
