@@ -42,8 +42,10 @@ CASES: dict[str, tuple[str, list[str]]] = {
 SHARDED = ["transformer", "hope"]  # also trained with parallel.sharded_checkpoints
 FSDP_REFUSED = {"nested"}  # RunConfig.check refuses it (see docs/distributed.md)
 # M3 divides by sqrt(V) of the first gradients, so the all-reduce's rounding (1e-7) grows
-# step by step; its runs agree with one process over the first two steps only.
+# step by step; its runs agree with one process over the first two steps only, and there to
+# 1e-4 (2.6e-5 on an AMD EPYC) rather than the 2e-5 of the others; a wrong reduction is O(1).
 COMPARED_STEPS = {"m3": 2}
+REL_TOL = {"m3": 1e-4}
 
 
 def overrides(root: Path, name: str, strategy: str, extra: list[str]) -> list[str]:
@@ -112,7 +114,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(study: Path, case
     assert set(one) == set(two) and len(one) == STEPS + STEPS // 2
     compared = [k for k in one if k[0] <= COMPARED_STEPS.get(case, STEPS)]
     for key in compared:
-        assert math.isfinite(one[key]) and math.isclose(two[key], one[key], rel_tol=2e-5), (key, one[key], two[key])
+        assert math.isfinite(one[key]) and math.isclose(two[key], one[key], rel_tol=REL_TOL.get(case, 2e-5)), (key, one[key], two[key])
 
 
 def test_fsdp_checkpoints_hold_whole_weights_that_one_process_resumes(study: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-@torch.no_grad()
 def evaluate_lm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 bytes_per_token: float, device: torch.device,
                 precision: str = "fp32") -> dict[str, float]:
@@ -25,16 +24,34 @@ def evaluate_lm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
 
     bpb = (loss in nats / ln 2) / (UTF-8 bytes per token): comparable across tokenizers.
     """
+    return lm_figures(*summed_nats(model, batches, device, precision), bytes_per_token)
+
+
+@torch.no_grad()
+def summed_nats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                device: torch.device, precision: str = "fp32",
+                rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                idle_forward: bool = False) -> tuple[float, int]:
+    """Summed next-token loss (nats) and token count over `batches`, in eval mode.
+
+    `rows` cuts each batch to this process's share under data parallelism (the caller reduces
+    the sums). With `idle_forward` a process whose share is empty still runs one uncounted row,
+    because a sharded model's forward is a collective every process must join.
+    """
     was_training = model.training
     model.eval()
     total_nats, total_tokens = 0.0, 0
     try:
         for x, y in batches:
-            nats, tokens = batch_nats(model, x, y, device, precision)
-            total_nats, total_tokens = total_nats + nats, total_tokens + tokens
+            mine_x, mine_y = (rows(x), rows(y)) if rows is not None else (x, y)
+            if len(mine_x):
+                nats, tokens = batch_nats(model, mine_x, mine_y, device, precision)
+                total_nats, total_tokens = total_nats + nats, total_tokens + tokens
+            elif idle_forward:
+                batch_nats(model, x[:1], y[:1], device, precision)
     finally:
         model.train(was_training)
-    return lm_figures(total_nats, total_tokens, bytes_per_token)
+    return total_nats, total_tokens
 
 
 @torch.no_grad()

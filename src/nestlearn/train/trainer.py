@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
-from nestlearn.eval.perplexity import batch_nats, evaluate_lm, lm_figures, lm_loss
+from nestlearn.eval.perplexity import evaluate_lm, lm_figures, lm_loss, summed_nats
 from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
@@ -334,31 +334,16 @@ class Trainer:
 
     # -- evaluation and checkpoints ---------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        """Validation figures; under data parallelism each rank scores its rows of every batch
+        and the sums are reduced."""
         cfg = self.cfg.train
         batches = iter_eval_batches(self.data, "val", cfg.batch_size, cfg.seq_len,
                                     cfg.eval_batches)
         bpt = float(self.data.stats["bytes_per_token"]["val"])
         if not self.par.active:
             return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
-        return self._evaluate_parallel(batches, bpt)
-
-    def _evaluate_parallel(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                           bpt: float) -> dict[str, float]:
-        """Each rank scores its rows of every batch and the sums are reduced. A sharded model's
-        forward is a collective, so a rank left without rows runs one row and counts nothing."""
-        was_training = self.model.training
-        self.model.eval()
-        nats, tokens = 0.0, 0
-        try:
-            for x, y in batches:
-                mine_x, mine_y = self.par.rows(x), self.par.rows(y)
-                if len(mine_x):
-                    n, t = batch_nats(self.model, mine_x, mine_y, self.device, self.cfg.train.precision)
-                    nats, tokens = nats + n, tokens + t
-                elif self.par.strategy == "fsdp":
-                    batch_nats(self.model, x[:1], y[:1], self.device, self.cfg.train.precision)
-        finally:
-            self.model.train(was_training)
+        nats, tokens = summed_nats(self.model, batches, self.device, cfg.precision,
+                                   rows=self.par.rows, idle_forward=self.par.strategy == "fsdp")
         total_nats, total_tokens = self.par.total([nats, tokens])
         return lm_figures(total_nats, total_tokens, bpt)
 
