@@ -338,8 +338,9 @@ class OptimizerConfig:
     the learning rate (the schedule below is then skipped); `chunked` is AdamW on level clocks
     for models that declare CMS levels (each level steps once per its chunk of steps), with
     `level_lr` the rule for a level's learning rate from its chunk size C (`level_clock.level_lr`:
-    `sqrt` base lr √C, `linear` C, `flat` 1, `mean` 1/C, the seed's, under which AdamW moves a
-    slow level 1/C² as far per token as the fast one).
+    `mean` base lr / C, the seed's and the default, under which AdamW moves a slow level 1/C² as
+    far per token as the fast one, measured best for HOPE (docs/results.md); `flat` 1, `sqrt` √C,
+    `linear` C).
     """
 
     type: Literal["adamw", "nested", "dmgd", "delta_momentum", "m3", "chunked"] = "adamw"
@@ -355,7 +356,7 @@ class OptimizerConfig:
     m3_frequency: int = 100  # m3: steps between slow-momentum updates
     m3_alpha: float = 1.0  # m3: weight of the slow momentum
     nested_optimizer: NestedOptimizerConfig = field(default_factory=NestedOptimizerConfig)
-    level_lr: Literal["mean", "flat", "sqrt", "linear"] = "sqrt"
+    level_lr: Literal["mean", "flat", "sqrt", "linear"] = "mean"
 
     def check(self, where: str) -> None:
         if not 0.0 < self.lr < 1.0:
