@@ -93,15 +93,15 @@ def test_setup_optimizers_scales_lr_and_partitions_parameters() -> None:
     opts = setup_optimizers(model, CHUNKS, base_lr=0.3, lr_rule="mean")
     assert {k: o.param_groups[0]["lr"] for k, o in opts.items()} == pytest.approx(
         {"level1_fast": 0.3, "level2_medium": 0.1, "level3_slow": 0.06})
-    adam = setup_optimizers(model, CHUNKS, base_lr=0.3)  # adaptive: base_lr √C
+    adam = setup_optimizers(model, CHUNKS, base_lr=0.3, lr_rule="sqrt")  # base_lr √C
     assert {k: o.param_groups[0]["lr"] for k, o in adam.items()} == pytest.approx(
         {"level1_fast": 0.3, "level2_medium": 0.3 * 3**0.5, "level3_slow": 0.3 * 5**0.5})
     owned = [id(p) for o in opts.values() for p in o.param_groups[0]["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())  # each exactly once
     medium = {id(p) for p in opts["level2_medium"].param_groups[0]["params"]}
     assert all(id(p) in medium for p in model.surprise_heads["level2_medium"].parameters())
-    sgd = setup_optimizers(model, CHUNKS, 0.3, torch.optim.SGD)  # the chunk's mean gradient
-    assert sgd["level3_slow"].param_groups[0]["lr"] == pytest.approx(0.06)
+    for cls in (torch.optim.SGD, torch.optim.AdamW):  # the default: the seed's base_lr / C
+        assert setup_optimizers(model, CHUNKS, 0.3, cls)["level3_slow"].param_groups[0]["lr"] == pytest.approx(0.06)
     flat = setup_optimizers(model, CHUNKS, 0.3, torch.optim.SGD, lr_rule="flat", momentum=0.9)
     assert all(o.param_groups[0]["lr"] == 0.3 and o.param_groups[0]["momentum"] == 0.9
                for o in flat.values())

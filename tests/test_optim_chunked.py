@@ -49,7 +49,7 @@ def test_slow_level_fires_every_chunk_with_the_summed_gradient() -> None:
     model = TwoLevels().double()
     opt = build_optimizer(OptimizerConfig(type="chunked", lr=0.1, weight_decay=0.0), model)
     assert isinstance(opt, ChunkedAdamW)
-    assert [g["lr"] for g in opt.param_groups if g["level"] == "slow"] == [0.1 * 3**0.5] * 2
+    assert [g["lr"] for g in opt.param_groups if g["level"] == "slow"] == [0.1 / 3] * 2  # the default, mean
     batches = [torch.randn(5, 3, dtype=torch.float64) for _ in range(7)]
     # The slow level's gradient at its first firing is the sum over its chunk of 3 steps,
     # each taken at the (unchanged) slow weights but the moving fast weights.
@@ -134,9 +134,9 @@ def movement(rule: str, chunk: int, signal: float, noise: float, steps: int = 10
 
 
 @pytest.mark.parametrize("chunk", [4, 16, 64])
-def test_slow_level_moves_within_a_small_factor_of_the_fast_one(chunk: int) -> None:
-    """Identical gradients: the default (sqrt) rule moves the slow level 1/√C as far as the
-    fast one, `linear` as far, and the seed's `mean` 1/C² as far."""
+def test_each_rule_moves_the_slow_level_as_derived(chunk: int) -> None:
+    """Identical gradients: `sqrt` moves the slow level 1/√C as far as the fast one, `linear` as
+    far, and the seed's `mean` (the default, measured best for HOPE) 1/C² as far."""
     assert movement("sqrt", chunk, 1.0, 0.0) == pytest.approx(1 / math.sqrt(chunk), rel=0.05)
     assert movement("linear", chunk, 1.0, 0.0) == pytest.approx(1.0, rel=0.05)
     assert movement("mean", chunk, 1.0, 0.0) == pytest.approx(1 / chunk**2, rel=0.05)

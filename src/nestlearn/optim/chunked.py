@@ -2,9 +2,9 @@
 
 `optimizer.type: chunked` in a run config. The model declares its levels (`levels()` and
 `level_chunk_sizes()`, the `HasLevels` protocol of `level_clock`); each level becomes a param
-group with `chunk_size` C and lr = `level_lr(base_lr, C, rule)` (`optimizer.level_lr`; for
-AdamW `sqrt` moves a level as far per token as the fast one on noisy gradients, where the
-seed's base_lr / C moved it 1/C² as far). Between firings a
+group with `chunk_size` C and lr = `level_lr(base_lr, C, rule)` (`optimizer.level_lr`: the
+seed's base_lr / C by default, which under AdamW moves a level 1/C² as far per token as the fast
+one and trained HOPE best; `sqrt` matches the fast level on noisy gradients). Between firings a
 level's gradients accumulate in `.grad` (PyTorch's `+=`), so when it fires it applies the sum
 of its whole chunk's gradients; `zero_grad` clears only the groups that just fired. Being one
 `torch.optim.Optimizer`, it checkpoints, resumes and takes an LR schedule like any other.
@@ -67,7 +67,7 @@ class ChunkedAdamW(torch.optim.AdamW):
 
 
 def chunked_groups(model: nn.Module, chunk_sizes: Mapping[str, int], base_lr: float,
-                   weight_decay: float, lr_rule: LevelLrRule = "sqrt") -> list[dict[str, Any]]:
+                   weight_decay: float, lr_rule: LevelLrRule = "mean") -> list[dict[str, Any]]:
     """A group per (level, decay/no-decay), lr = `level_lr(base_lr, chunk size, lr_rule)`."""
     groups: list[dict[str, Any]] = []
     for level, params in level_parameters(model, list(chunk_sizes)).items():

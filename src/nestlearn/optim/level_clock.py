@@ -24,6 +24,8 @@ divides by the gradient's scale, so a firing moves ~lr_l whatever was summed: "m
 a level 1/C² as far per token as the fast one (1/4096 at C = 64), and matching needs lr_l =
 base_lr √C when gradients are noise-dominated (Adam's square-root rule for a C-times larger
 batch: drift and diffusion per token both match) or base_lr C when they are identical.
+Matching is not what trains best: in HOPE's study (docs/results.md) `mean`, the slowest-moving
+rule, beat `flat`, `sqrt` and both levels every step, so it is the default.
 """
 
 from __future__ import annotations
@@ -205,21 +207,18 @@ def setup_optimizers(
     base_lr: float,
     optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
     *,
-    lr_rule: LevelLrRule | None = None,
+    lr_rule: LevelLrRule = "mean",
     **optimizer_kwargs: Any,
 ) -> dict[str, torch.optim.Optimizer]:
     """One optimizer per level over that level's parameters, lr = `level_lr(base_lr, C, lr_rule)`.
 
-    `lr_rule=None`: the seed's `mean` (base_lr / C) for SGD, where it applies the chunk's mean
-    gradient, and `sqrt` (base_lr √C) for any other optimizer, taken to be adaptive (module
-    docstring). Extra keywords go to `optimizer_cls`.
+    The default rule is the seed's `mean` (base_lr / C): for SGD the chunk's mean gradient; under
+    Adam a slow level then moves 1/C² as far per token as the fast one, which trained HOPE best
+    of the four rules (docs/results.md). Extra keywords go to `optimizer_cls`.
     """
     sizes = _check_chunk_sizes(chunk_sizes)
     if base_lr <= 0:
         raise ValueError(f"base_lr must be > 0, got {base_lr}")
-    if lr_rule is None:
-        sgd = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.SGD)
-        lr_rule = "mean" if sgd else "sqrt"
     params = level_parameters(model, list(sizes))
     return {
         level: optimizer_cls(params[level], lr=level_lr(base_lr, sizes[level], lr_rule), **optimizer_kwargs)
