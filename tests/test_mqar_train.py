@@ -9,9 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from nestlearn import cli
+from nestlearn import cli, models
+from nestlearn.eval.mqar import IGNORE, MQARConfig, mqar_batch
 from nestlearn.eval.mqar_train import MODELS, MQARSweep, sweep_and_save, train_setting
+from nestlearn.eval.synthetic import build_model, scored_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,6 +28,25 @@ def test_a_tiny_attention_model_learns_recall() -> None:
     assert result["finite"] and result["accuracy"] > 0.9, result
     untrained = train_setting("transformer", 64, 32, dataclasses.replace(EASY, steps=1))
     assert untrained["accuracy"] < 0.6
+
+
+@pytest.mark.parametrize("model_type", models.available())
+def test_scored_logits_are_the_full_logits_at_the_answers(model_type: str) -> None:
+    """The head applied to the answers' hidden states only: the same logits and gradients as
+    the full forward's at those positions (float64), and the model's head is put back."""
+    torch.manual_seed(0)
+    model = build_model(model_type, 32, 2, 32, 64).double()
+    x, y = mqar_batch(MQARConfig(seq_len=32, num_pairs=2, vocab_size=64), 3, torch.Generator().manual_seed(1))
+    full = model(x)[0][y != IGNORE]
+    grads = torch.autograd.grad(full.square().sum(), list(model.parameters()), allow_unused=True)
+    logits, answers = scored_logits(model, x, y, IGNORE)
+    assert torch.equal(answers, y[y != IGNORE]) and not isinstance(model.lm_head, torch.nn.Identity)
+    torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+    mine = torch.autograd.grad(logits.square().sum(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(grads, mine, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
 
 
 def test_a_sweep_of_every_model_type_resumes(tmp_path: Path) -> None:

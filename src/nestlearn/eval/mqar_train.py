@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from nestlearn.eval.mqar import IGNORE, MQARConfig, answer_accuracy, mqar_batch
+from nestlearn.eval.mqar import IGNORE, MQARConfig, mqar_batch
 from nestlearn.eval.report import png_figure, pyplot
 from nestlearn.eval.synthetic import (
     Sweep,
@@ -29,6 +29,7 @@ from nestlearn.eval.synthetic import (
     check_settings,
     result_fields,
     run_sweep,
+    scored_logits,
     train_from_scratch,
 )
 
@@ -79,12 +80,12 @@ def train_setting(model_type: str, width: int, seq_len: int, sweep: MQARSweep,
     held_x, held_y = mqar_batch(task, sweep.eval_examples, torch.Generator().manual_seed(10_000 + sweep.seed))
 
     def loss_of(step: int) -> torch.Tensor:
-        x, y = mqar_batch(task, sweep.batch, data)
-        return F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        return F.cross_entropy(*scored_logits(model, *mqar_batch(task, sweep.batch, data), IGNORE))
 
     outcome = train_from_scratch(model, loss_of, sweep.steps, sweep.lr, on_step)
     with torch.no_grad():
-        accuracy = float(answer_accuracy(model(held_x)[0], held_y))
+        logits, answers = scored_logits(model, held_x, held_y, IGNORE)
+        accuracy = float((logits.argmax(-1) == answers).float().mean())
     return {"model": model_type, "seq_len": seq_len, "width": width, "num_pairs": task.num_pairs,
             "accuracy": accuracy, **result_fields(model, outcome)}
 
