@@ -128,11 +128,11 @@ def scored_logits(model: LanguageModel, x: Tensor, targets: Tensor, ignore: int)
     for MQAR (a few answers per sequence, vocabulary 8192) that skips most of the head's cost,
     which at width 64 is most of a training step."""
     head = model.lm_head
-    model.lm_head = nn.Identity()  # every model's forward ends in lm_head(norm(h)): now norm(h)
+    model.register_module("lm_head", nn.Identity())  # forwards end in lm_head(norm(h)): now norm(h)
     try:
         hidden, _ = model(x)
     finally:
-        model.lm_head = head
+        model.register_module("lm_head", head)
     mask = targets != ignore
     logits: Tensor = head(hidden[mask])
     return logits, targets[mask]
