@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from nestlearn.eval.mqar import IGNORE, MQARConfig, mqar_batch
+from nestlearn.eval.mqar import IGNORE, MQARConfig, answer_accuracy, mqar_batch
 from nestlearn.eval.report import png_figure, pyplot
 from nestlearn.eval.synthetic import (
     Sweep,
@@ -85,7 +85,7 @@ def train_setting(model_type: str, width: int, seq_len: int, sweep: MQARSweep,
     outcome = train_from_scratch(model, loss_of, sweep.steps, sweep.lr, on_step)
     with torch.no_grad():
         logits, answers = scored_logits(model, held_x, held_y, IGNORE)
-        accuracy = float((logits.argmax(-1) == answers).float().mean())
+        accuracy = float(answer_accuracy(logits, answers))
     return {"model": model_type, "seq_len": seq_len, "width": width, "num_pairs": task.num_pairs,
             "accuracy": accuracy, **result_fields(model, outcome)}
 

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nestlearn.config.loader import to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import BatchLoader, PreparedData, iter_eval_batches
-from nestlearn.eval.perplexity import evaluate_lm, lm_figures, lm_loss, summed_nats
+from nestlearn.eval.perplexity import lm_figures, lm_loss, summed_nats
 from nestlearn.models.observe import inner_loop_stats
 from nestlearn.optim import ChunkedAdamW, DeepNestedOptimizer, build_optimizer, build_scheduler
 from nestlearn.train.activation_checkpoint import apply_activation_checkpointing
@@ -335,13 +335,11 @@ class Trainer:
     # -- evaluation and checkpoints ---------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Validation figures; under data parallelism each rank scores its rows of every batch
-        and the sums are reduced."""
+        and the sums are reduced (with one process its rows are the batch, the sum its own)."""
         cfg = self.cfg.train
         batches = iter_eval_batches(self.data, "val", cfg.batch_size, cfg.seq_len,
                                     cfg.eval_batches)
         bpt = float(self.data.stats["bytes_per_token"]["val"])
-        if not self.par.active:
-            return evaluate_lm(self.model, batches, bpt, self.device, cfg.precision)
         nats, tokens = summed_nats(self.model, batches, self.device, cfg.precision,
                                    rows=self.par.rows, idle_forward=self.par.strategy == "fsdp")
         total_nats, total_tokens = self.par.total([nats, tokens])
