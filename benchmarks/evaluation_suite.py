@@ -29,9 +29,10 @@ TASKS = ("mqar", "mad", "formal")
 MODELS = ("transformer", "titans_mac", "hope")
 
 
-def results(task: str, out_dir: Path) -> list[dict[str, Any]]:
+def stored(task: str, out_dir: Path) -> dict[str, Any] | None:
+    """The task's results file (training settings and results), None before its first result."""
     path = out_dir / task / "eval" / f"{task}.json"
-    return list(read_json(path)["results"]) if path.exists() else []
+    return read_json(path) if path.exists() else None
 
 
 def cells(task: str, r: dict[str, Any]) -> dict[str, float]:
@@ -104,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                          *args.task_args.get(task, [])])
         if code != 0:
             return code
-    found = {task: table(task, results(task, args.out_dir)) for task in args.tasks}
+    blobs = {task: blob for task in args.tasks if (blob := stored(task, args.out_dir)) is not None}
+    found = {task: table(task, blobs[task]["results"] if task in blobs else []) for task in args.tasks}
     for task, rows in found.items():
         print_table(task, rows)
-    settings = {task: read_json(path)["training"] for task in args.tasks
-                if (path := args.out_dir / task / "eval" / f"{task}.json").exists()}
+    settings = {task: blob["training"] for task, blob in blobs.items()}
     atomic_write_json(args.json, {"settings": settings, "tables": found})
     print(f"\nwrote {args.json}")
     return 0
